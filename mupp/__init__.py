@@ -1,0 +1,39 @@
+"""mupp: μP² — Sharpness-Aware Minimization with layerwise perturbation scaling.
+
+Reference implementation of Haas et al., "μP²: Effective Sharpness Aware Minimization Requires
+Layerwise Perturbation Scaling" (NeurIPS 2024).  ``import mupp`` loads only torch and numpy;
+the command-line tool's dependencies (matplotlib, optuna, tqdm) load on use.
+"""
+
+from . import theory
+from .init import mup_init_
+from .optim import SAM, MuAdamW, MuSGD, frozen_bn_stats, mup_param_groups
+from .shapes import (
+    WidthInfo,
+    describe,
+    get_info,
+    load_base_shapes,
+    reattach,
+    save_base_shapes,
+    set_base_shapes,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAM",
+    "MuSGD",
+    "MuAdamW",
+    "mup_param_groups",
+    "frozen_bn_stats",
+    "set_base_shapes",
+    "reattach",
+    "describe",
+    "get_info",
+    "WidthInfo",
+    "save_base_shapes",
+    "load_base_shapes",
+    "mup_init_",
+    "theory",
+    "__version__",
+]

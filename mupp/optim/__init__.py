@@ -1,0 +1,19 @@
+"""Optimizers: μP base optimizers and the SAM family."""
+
+from .groups import MuAdamW, MuSGD, mup_param_groups, optimizer_kind
+from .perturbation import RULES, VARIANTS, is_perturbed
+from .sam import SAM, disable_running_stats, enable_running_stats, frozen_bn_stats
+
+__all__ = [
+    "SAM",
+    "MuSGD",
+    "MuAdamW",
+    "mup_param_groups",
+    "optimizer_kind",
+    "is_perturbed",
+    "RULES",
+    "VARIANTS",
+    "frozen_bn_stats",
+    "disable_running_stats",
+    "enable_running_stats",
+]

@@ -1,0 +1,187 @@
+"""The perturbation rule: every SAM variant and normalization rule, in one file.
+
+For the parameters ``W_l`` with gradients ``g_l`` at the current weights, SAM adds
+
+    ε_l = ρ · num_l · u_l / N,
+
+where ``u_l`` is the variant's ascent direction and ``t_l`` its norm term
+
+==============  =========================  ================================
+variant         ``u_l``                    ``t_l``
+==============  =========================  ================================
+sam, sam-on,    ``g_l``                    ``||g_l||_F``
+last/first
+asam-elem       ``|W_l| ⊙ |W_l| ⊙ g_l``    ``|| |W_l| ⊙ g_l ||_F``   (F.4)
+asam-layer      ``||W_l||_F^2 g_l``        ``||W_l||_F ||g_l||_F``  (F.6)
+==============  =========================  ================================
+
+and the normalization ``N`` depends on the rule: ``LP``/``DP`` normalize jointly,
+``N = sqrt(Σ_k den_k² t_k²)`` (Def. 4, Remark F.4); ``LN`` per layer, ``N = t_l``
+(Remark F.2); ``unnormalized`` uses ``N = 1`` (App. F.3).  The factors ``num_l``, ``den_l``
+come from :func:`mupp.scaling.perturbation_factors` and are stored per param group.
+
+Which parameters are perturbed at all is decided by :func:`is_perturbed`.  The computation
+uses ``torch._foreach_*`` kernels per (device, dtype) and never synchronizes with the host:
+a non-finite gradient yields a zero scale and a ``False`` finiteness flag (a tensor).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..shapes import WidthInfo
+
+VARIANTS = ("sam", "asam-elem", "asam-layer", "sam-on", "last-layer", "first-layer")
+RULES = ("LP", "DP", "LN", "unnormalized")
+
+# variant -> (variant of mupp.theory whose exponents apply, roles perturbed effectively)
+THEORY_VARIANT = {
+    "sam": ("sam", None),
+    "asam-elem": ("asam-elem", None),
+    "asam-layer": ("asam-layer", None),
+    "sam-on": ("sam-on", {"input"}),
+    "last-layer": ("sam", {"output"}),
+    "first-layer": ("sam", {"input"}),
+}
+
+Perturb = None | set | frozenset | Sequence[str] | Callable[[WidthInfo], bool]
+
+
+def is_perturbed(info: WidthInfo | None, variant: str, perturb: Perturb = None) -> bool:
+    """Whether a parameter is perturbed at all (App. F.1: the others get ε = 0 by design).
+
+    ``perturb`` (the general form) overrides the variant's choice: a set of roles
+    (``{"hidden", "output"}``) or a predicate on :class:`~mupp.shapes.WidthInfo`.
+    """
+    if perturb is not None:
+        if info is None:
+            raise ValueError("perturb= needs width metadata: call mupp.set_base_shapes first")
+        if callable(perturb):
+            return bool(perturb(info))
+        return info.role in set(perturb)
+    if variant in ("sam", "asam-elem", "asam-layer"):
+        return True
+    if info is None:
+        raise ValueError(
+            f"variant {variant!r} needs width metadata: call mupp.set_base_shapes first"
+        )
+    layer = info.layer_role or info.role
+    if variant == "sam-on":
+        return info.is_norm
+    if variant == "last-layer":
+        return layer == "output"
+    if variant == "first-layer":
+        return layer == "input" and not info.is_norm
+    raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
+
+
+@dataclass
+class Bucket:
+    """Parameters of one param group on one (device, dtype)."""
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    num: float
+    den: float
+    rho: float
+
+
+def buckets(param_groups: Iterable[dict]) -> list[Bucket]:
+    """Perturbed parameters with gradients, grouped by param group and (device, dtype)."""
+    out = []
+    for g in param_groups:
+        if not g.get("perturb", True) or g["rho"] == 0:
+            continue
+        by_dev: dict[tuple, Bucket] = defaultdict(
+            lambda g=g: Bucket([], [], g.get("pert_num", 1.0), g.get("pert_den", 1.0), g["rho"])
+        )
+        for p in g["params"]:
+            if p.grad is None or not p.requires_grad:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("SAM does not support sparse gradients")
+            b = by_dev[(p.device, p.dtype)]
+            b.params.append(p)
+            b.grads.append(p.grad)
+        out.extend(by_dev.values())
+    return out
+
+
+def _directions(
+    b: Bucket, variant: str, ascent_weight_decay: float, inplace: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+    """(u_l, t_l, owned) of the table above; ``owned``: u may be scaled in place (it is a
+    temporary, or the gradients themselves when ``inplace``)."""
+    grads = b.grads
+    if ascent_weight_decay:
+        grads = torch._foreach_add(grads, b.params, alpha=ascent_weight_decay)
+        inplace = True
+    if variant == "asam-elem":
+        wabs = torch._foreach_abs(b.params)
+        if inplace:
+            torch._foreach_mul_(grads, wabs)
+            u = grads
+        else:
+            u = torch._foreach_mul(grads, wabs)
+        norms = torch._foreach_norm(u)
+        torch._foreach_mul_(u, wabs)
+        return u, list(norms), True
+    gnorms = torch._foreach_norm(grads)
+    if variant == "asam-layer":
+        wnorms = torch._foreach_norm(b.params)
+        u = torch._foreach_mul(grads, torch._foreach_mul(wnorms, wnorms))
+        return u, list(torch._foreach_mul(wnorms, gnorms)), True
+    return grads, list(gnorms), inplace
+
+
+def perturb_(
+    bucket_list: list[Bucket],
+    *,
+    rule: str,
+    variant: str,
+    eps: float = 1e-12,
+    ascent_weight_decay: float = 0.0,
+    inplace: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+    """Compute ε for every bucket and add it to the weights.
+
+    Returns ``(params, epsilons, finite)``; ``finite`` is a 0-dim bool tensor (no host sync),
+    ``False`` when a gradient was non-finite, in which case every scale is zero.  With
+    ``inplace`` the gradients are overwritten (the caller discards them).
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+    if not bucket_list:
+        return [], [], None
+    dirs = [_directions(b, variant, ascent_weight_decay, inplace) for b in bucket_list]
+    dev = bucket_list[0].params[0].device
+    flat = torch.stack([t.float().to(dev, non_blocking=True) for _, ts, _ in dirs for t in ts])
+    finite = torch.isfinite(flat).all()
+    if rule in ("LP", "DP"):
+        sizes = [len(ts) for _, ts, _ in dirs]
+        parts = flat.square().split(sizes)
+        total = sum(part.sum() * (b.den**2) for b, part in zip(bucket_list, parts)).sqrt()
+    all_params, all_eps = [], []
+    zero = torch.zeros((), device=dev)
+    for b, (u, ts, owned) in zip(bucket_list, dirs):
+        dtype = b.params[0].dtype
+        if rule in ("LP", "DP"):
+            scale = torch.where(finite, (b.rho * b.num) / (total + eps), zero).to(dtype)
+        elif rule == "LN":
+            norms = torch.stack([t.float().to(dev) for t in ts])
+            scale = list(
+                torch.where(finite, (b.rho * b.num) / (norms + eps), zero).to(dtype).unbind()
+            )
+        else:
+            scale = torch.where(finite, zero + b.rho * b.num, zero).to(dtype)
+        if owned:
+            torch._foreach_mul_(u, scale)
+        else:
+            u = torch._foreach_mul(u, scale)
+        all_params.extend(b.params)
+        all_eps.extend(u)
+    return all_params, all_eps, finite

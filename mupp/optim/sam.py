@@ -1,0 +1,369 @@
+"""``mupp.SAM``: a drop-in ``torch.optim`` optimizer for SAM under SP, μP and μP².
+
+Two passes per step (Foret et al.; paper Sec. 1): ``first_step`` adds ε (the perturbation rule
+of :mod:`mupp.optim.perturbation`, scaled per layer by :mod:`mupp.scaling` with exponents from
+:mod:`mupp.theory`), the user recomputes the gradient at ``W + ε``, and ``second_step`` restores
+the exact saved weights and lets the base optimizer step with that gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from .. import scaling
+from ..shapes import get_info, reattach
+from . import perturbation
+from .groups import PARAMETERIZATIONS, _check_nonneg, mup_param_groups, optimizer_kind, split_groups
+from .perturbation import RULES, THEORY_VARIANT, VARIANTS
+
+NONFINITE = ("skip", "raise", "ignore")
+WEIGHT_MULTIPLIER_PRESETS = {
+    "mup": {"output": 1.0},  # microsoft/mup's MuReadout multiplier 1/m (Lemma F.12)
+    "a-mupp": {"input": -0.5, "output": 0.5},  # (a-μP²), Remark 12 / Lemma F.11
+}
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-Aware Minimization with layerwise perturbation scaling (Def. 4, Thm 11).
+
+    Args:
+        params: parameters or param groups (a group may set its own ``rho``).
+        base_optimizer: a ``torch.optim.Optimizer`` class (SGD, AdamW, ...); ``base_kwargs`` go
+            to it.  Its μP learning-rate factors follow from its kind (SGD-like or Adam-like).
+        lr: base learning rate η (at base width).
+        rho: perturbation radius ρ (at base width).
+        parameterization: ``"sp"`` (no width scaling), ``"mup-naive"`` (μP learning rates, ε
+            unscaled: unstable at large width, Prop. 1), ``"mup-global"`` (``ρ m^{-1/2}``,
+            only the readout is effectively perturbed, Prop. 2) or ``"mupp"`` (μP², Thm 11).
+        rule: ``"LP"`` (Def. 4), ``"DP"`` (Remark F.4, Algorithm 1), ``"LN"`` (Remark F.2),
+            ``"unnormalized"`` (App. F.3).
+        variant: ``"sam"``, ``"asam-elem"``, ``"asam-layer"``, ``"sam-on"``, ``"last-layer"``,
+            ``"first-layer"`` (Table 1, App. F.4, H.1, Example F.1).
+        perturb: general form: a set of roles, or a predicate on
+            :class:`~mupp.shapes.WidthInfo`, naming the parameters perturbed effectively; the
+            exponents follow App. F.1 and the others are not perturbed.
+        weight_multipliers: ``{role: a}`` for models with weight multipliers ``m^-a`` (App. F.6),
+            or ``"mup"`` (readout multiplier of microsoft/mup) / ``"a-mupp"``.
+        ascent_weight_decay: adds ``wd * W`` to the gradient used for ε only.
+        nonfinite: what to do when a gradient of either pass is non-finite: ``"skip"`` the
+            step (weights restored, base optimizer untouched, ``skipped_steps`` incremented),
+            ``"raise"`` ``FloatingPointError`` after restoring, or ``"ignore"`` (no check; the
+            check is the only host synchronization of a step).
+        same_randomness: in :meth:`step`, replay the RNG state for the second closure call so
+            dropout masks are the same in both passes.
+        model: optional; re-attaches width metadata (after ``copy.deepcopy``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
+        *,
+        lr: float,
+        rho: float,
+        parameterization: str = "mupp",
+        rule: str = "LP",
+        variant: str = "sam",
+        perturb: perturbation.Perturb = None,
+        weight_multipliers: Mapping[str, float] | str | None = None,
+        ascent_weight_decay: float = 0.0,
+        eps: float = 1e-12,
+        nonfinite: str = "skip",
+        same_randomness: bool = False,
+        model: torch.nn.Module | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        _check_nonneg("lr", lr)
+        _check_nonneg("rho", rho)
+        _check_nonneg("ascent_weight_decay", ascent_weight_decay)
+        _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+        _check_choice("rule", rule, RULES)
+        _check_choice("variant", variant, VARIANTS)
+        _check_choice("nonfinite", nonfinite, NONFINITE)
+        if not (
+            isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)
+        ):
+            raise ValueError(
+                f"base_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.SGD); "
+                f"got {base_optimizer!r}"
+            )
+        if variant.startswith("asam") and rule != "LP":
+            raise ValueError(
+                f"rule {rule!r} is defined for variant 'sam' and its subsets; {variant!r} needs rule='LP'"
+            )
+        if isinstance(weight_multipliers, str):
+            _check_choice(
+                "weight_multipliers", weight_multipliers, tuple(WEIGHT_MULTIPLIER_PRESETS)
+            )
+            weight_multipliers = WEIGHT_MULTIPLIER_PRESETS[weight_multipliers]
+        if model is not None:
+            reattach(model)
+        self.parameterization = parameterization
+        self.rule = rule
+        self.variant = variant
+        self.eps = eps
+        self.nonfinite = nonfinite
+        self.same_randomness = same_randomness
+        self.ascent_weight_decay = ascent_weight_decay
+        self.weight_multipliers = dict(weight_multipliers or {})
+        self.skipped_steps = 0
+        self._pending = False
+        self._finite: torch.Tensor | None = None
+
+        kind = optimizer_kind(base_optimizer)
+        groups = mup_param_groups(
+            params,
+            lr,
+            kind,
+            "sp" if parameterization == "sp" else "mupp",
+            base_kwargs.pop("weight_decay", None),
+            self.weight_multipliers,
+        )
+        for g in groups:
+            g.setdefault("rho", rho)
+            _check_nonneg("rho (param group)", g["rho"])
+        all_params = [p for g in groups for p in g["params"]]
+        infos = {id(p): get_info(p) for p in all_params}
+        global_mult = max([i.width_mult for i in infos.values() if i is not None] or [1.0])
+        selected = {
+            id(p): perturbation.is_perturbed(infos[id(p)], variant, perturb) for p in all_params
+        }
+        theory_variant, roles = THEORY_VARIANT[variant]
+        if perturb is not None:
+            roles = {infos[id(p)].role for p in all_params if selected[id(p)]} - {"fixed"}
+        exponents = None
+        if parameterization != "sp":
+            exponents = scaling.perturbation_exponents(
+                theory_variant, parameterization, roles or None, self.weight_multipliers
+            )
+        self.exponents = exponents
+        self.global_mult = global_mult
+
+        def key(p: torch.Tensor, g: dict) -> tuple:
+            info = infos[id(p)]
+            if parameterization == "sp" or info is None:
+                num, den = 1.0, 1.0
+            else:
+                num, den = scaling.perturbation_factors(
+                    info,
+                    rule=rule,
+                    parameterization=parameterization,
+                    exponents=exponents,
+                    global_mult=global_mult,
+                    weight_multipliers=self.weight_multipliers,
+                )
+            return (("perturb", selected[id(p)]), ("pert_num", num), ("pert_den", den))
+
+        groups = split_groups(groups, key)
+        defaults = dict(lr=lr, rho=rho, **base_kwargs)
+        super().__init__(groups, defaults)
+        self.base_optimizer = base_optimizer(self.param_groups, lr=lr, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+    # ------------------------------------------------------------------ the two passes
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Perturb the weights: save each perturbed ``W`` and set ``W <- W + ε``.
+
+        With ``zero_grad=True`` the gradients are consumed in place (no extra memory) and
+        zeroed afterwards, ready for the second backward pass.
+        """
+        if self._pending:
+            raise RuntimeError(
+                "first_step() called twice without second_step(): the weights are already perturbed"
+            )
+        for g in self.param_groups:
+            if not (
+                isinstance(g["rho"], (int, float)) and math.isfinite(g["rho"]) and g["rho"] >= 0
+            ):
+                raise ValueError(f"rho must be a non-negative finite number; got {g['rho']!r}")
+        bl = perturbation.buckets(self.param_groups)
+        params, eps, finite = perturbation.perturb_(
+            bl,
+            rule=self.rule,
+            variant=self.variant,
+            eps=self.eps,
+            ascent_weight_decay=self.ascent_weight_decay,
+            inplace=zero_grad,
+        )
+        saved = []
+        for p in params:
+            st = self.state[p]
+            buf = st.get("w_saved")
+            if (
+                buf is None
+                or buf.shape != p.shape
+                or buf.dtype != p.dtype
+                or buf.device != p.device
+            ):
+                buf = st["w_saved"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            saved.append(buf)
+        self._perturbed = params
+        self._saved = saved
+        self._finite = finite
+        if params:
+            torch._foreach_copy_(saved, params)
+            torch._foreach_add_(params, eps)
+        self._pending = True
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the exact weights saved by :meth:`first_step` (no base step)."""
+        if not self._pending:
+            raise RuntimeError(
+                "second_step()/restore() called before first_step(): nothing to restore"
+            )
+        if self._perturbed:
+            torch._foreach_copy_(self._perturbed, self._saved)
+        self._pending = False
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, scaler: Any = None) -> None:
+        """Restore the saved weights, then step the base optimizer with the gradient at ``W + ε``.
+
+        With a ``torch.amp.GradScaler`` as ``scaler`` the base step goes through
+        ``scaler.step``, which skips it when either pass overflowed (call ``scaler.update()``
+        afterwards).
+        """
+        finite1 = self._finite
+        self.restore()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if finite1 is not None and grads and (scaler is not None or self.nonfinite != "ignore"):
+            # an overflow in the ascent pass poisons the descent gradient, so that every
+            # finiteness check downstream (ours or GradScaler's) skips the whole step
+            poison = torch.where(finite1, 1.0, float("nan")).to(grads[0].device)
+            _foreach_by_device(grads, lambda gs, dev: torch._foreach_mul_(gs, poison.to(dev)))
+        if scaler is not None:
+            scaler.step(self.base_optimizer)
+        else:
+            if self.nonfinite != "ignore" and grads and not _all_finite(grads):
+                self.skipped_steps += 1
+                if zero_grad:
+                    self.zero_grad()
+                if self.nonfinite == "raise":
+                    raise FloatingPointError(
+                        "SAM: non-finite gradient; the step was not taken and the weights are unchanged"
+                    )
+                return
+            self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """PyTorch convention: ``closure`` zeroes nothing, computes the loss and calls
+        ``backward()``; it is evaluated at ``W`` and again at ``W + ε``.  Returns the first
+        loss.  Without a closure, completes a pending :meth:`first_step` (as ``second_step``)."""
+        if closure is None:
+            if self._pending:
+                self.second_step()
+                return None
+            raise RuntimeError(
+                "SAM.step() needs a closure that computes the loss and calls backward() "
+                "(or call first_step() and second_step() yourself)"
+            )
+        closure = torch.enable_grad()(closure)
+        rng = _rng_state() if self.same_randomness else None
+        loss = closure()
+        self.first_step(zero_grad=True)
+        if rng is not None:
+            _set_rng_state(rng)
+        try:
+            closure()
+        except BaseException:
+            self.restore()
+            raise
+        self.second_step()
+        return loss
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state (momentum, Adam moments) and the shared param groups
+        (with ``rho`` and the per-group scale factors)."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+
+    def __repr__(self) -> str:
+        return (
+            f"SAM(base={type(self.base_optimizer).__name__}, parameterization={self.parameterization!r}, "
+            f"rule={self.rule!r}, variant={self.variant!r}, groups={len(self.param_groups)})"
+        )
+
+
+def _foreach_by_device(tensors: list[torch.Tensor], fn: Callable) -> None:
+    by: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        by.setdefault((t.device, t.dtype), []).append(t)
+    for (dev, _), ts in by.items():
+        fn(ts, dev)
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    flags = []
+    _foreach_by_device(
+        tensors,
+        lambda ts, dev: flags.append(
+            torch.isfinite(torch.stack(torch._foreach_norm(ts))).all().cpu()
+        ),
+    )
+    return bool(torch.stack(flags).all())
+
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def disable_running_stats(model: torch.nn.Module) -> dict:
+    """Stop BatchNorm layers from updating ``running_mean/var`` and ``num_batches_tracked``
+    (use around the perturbed pass); returns what :func:`enable_running_stats` restores."""
+    saved = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            saved[m] = m.track_running_stats
+            m.track_running_stats = False
+    return saved
+
+
+def enable_running_stats(model: torch.nn.Module, saved: dict | None = None) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = True if saved is None else saved.get(m, True)
+
+
+class frozen_bn_stats:
+    """Context manager: ``with frozen_bn_stats(model): loss(model(x)).backward()`` keeps the
+    perturbed pass from touching BatchNorm running statistics (including
+    ``num_batches_tracked``); normalization still uses the batch statistics."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __enter__(self) -> torch.nn.Module:
+        self.saved = disable_running_stats(self.model)
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        enable_running_stats(self.model, self.saved)

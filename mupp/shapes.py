@@ -1,0 +1,493 @@
+"""Width bookkeeping: which dimensions of each parameter grow with width, and its role.
+
+``set_base_shapes(model, base, delta)`` compares a model with a base model (and optionally a
+delta model of a third width) and records, per parameter, a :class:`WidthInfo`: shape, base
+shape, width dimensions, ``fan_in``/``fan_out`` and their multipliers, and the role
+(SPEC §1; paper App. F.5, F.7):
+
+- ``input``: only ``fan_out`` grows (first layer, biases, normalization gains, embeddings);
+- ``hidden``: both grow (hidden Linear/Conv, attention projections incl. fused qkv);
+- ``output``: only ``fan_in`` grows (readout);
+- ``fixed``: neither grows.
+
+The record is findable from each Parameter (a weak registry plus a ``p.infshape`` view that code
+written for microsoft/mup understands) and from the model (``model._mupp_shapes``, keyed by
+name), so :func:`reattach` restores it after ``copy.deepcopy`` or loading.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+ROLES = ("input", "hidden", "output", "fixed")
+_PREFIXES = ("module.", "_orig_mod.")
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_REGISTRY = WeakIdKeyDictionary()  # Parameter -> WidthInfo, by identity
+
+
+def strip_prefixes(name: str) -> str:
+    """Remove wrapper prefixes (``module.`` of DDP/FSDP, ``_orig_mod.`` of torch.compile)."""
+    changed = True
+    while changed:
+        changed = False
+        for pre in _PREFIXES:
+            if name.startswith(pre):
+                name, changed = name[len(pre) :], True
+            name = name.replace("." + pre, ".")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# mup-compatible InfShape view
+# ---------------------------------------------------------------------------------------------
+
+
+class InfDim:
+    """One dimension; ``base_dim is None`` for a finite (non-width) dimension (as in mup)."""
+
+    def __init__(self, base_dim: int | None, dim: int):
+        self.base_dim = base_dim
+        self.dim = dim
+
+    def isinf(self) -> bool:
+        return self.base_dim is not None
+
+    def width_mult(self) -> float:
+        return self.dim / self.base_dim if self.isinf() else 1.0
+
+    def __repr__(self) -> str:
+        return f"InfDim({self.base_dim}, {self.dim})"
+
+
+class InfShape(tuple):
+    """Tuple of :class:`InfDim` with the methods mup's optimizers call (``ninf``,
+    ``width_mult``, ``fanin_fanout``, ``fanin_fanout_mult_ratio``)."""
+
+    def ninf(self) -> int:
+        return sum(d.isinf() for d in self)
+
+    def width_mult(self) -> float:
+        for d in reversed(self):
+            if d.isinf():
+                return d.width_mult()
+        return 1.0
+
+    def fanin_fanout(self) -> tuple[InfDim, InfDim]:
+        if len(self) < 2:
+            raise ValueError("fanin_fanout needs a tensor with at least 2 dimensions")
+        return self[1], self[0]
+
+    def fanin_fanout_mult_ratio(self) -> float:
+        fi, fo = self.fanin_fanout()
+        return fi.width_mult() / fo.width_mult()
+
+    def base_shape(self) -> list[int | None]:
+        return [d.base_dim for d in self]
+
+    def shape(self) -> list[int]:
+        return [d.dim for d in self]
+
+
+# ---------------------------------------------------------------------------------------------
+# WidthInfo
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WidthInfo:
+    """Width metadata of one parameter (see module docstring)."""
+
+    name: str
+    shape: tuple[int, ...]
+    base_shape: tuple[int, ...]
+    width_dims: tuple[bool, ...]
+    fan_in: int
+    fan_out: int
+    base_fan_in: int
+    base_fan_out: int
+    role: str
+    is_norm: bool = False
+    layer_role: str = ""  # role of the owning module's weight (a readout's bias: "output")
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def fan_in_mult(self) -> float:
+        return self.fan_in / self.base_fan_in
+
+    @property
+    def fan_out_mult(self) -> float:
+        return self.fan_out / self.base_fan_out
+
+    @property
+    def width_mult(self) -> float:
+        """The multiplier ``m`` of the role's width dimension: ``fan_out`` for input-like,
+        ``fan_in`` for hidden- and output-like (mup's convention), 1 for fixed."""
+        if self.role == "input":
+            return self.fan_out_mult
+        if self.role in ("hidden", "output"):
+            return self.fan_in_mult
+        return 1.0
+
+    @property
+    def infshape(self) -> InfShape:
+        return InfShape(
+            InfDim(b if w else None, s)
+            for b, s, w in zip(self.base_shape, self.shape, self.width_dims)
+        )
+
+
+def _fan_dims(
+    module: nn.Module | None, pname: str, ndim: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(fan_in dims, fan_out dims) of a parameter tensor in PyTorch's layouts."""
+    if ndim == 0:
+        return (), ()
+    if ndim == 1:
+        return (), (0,)
+    if isinstance(module, nn.Embedding) and pname == "weight":
+        return (0,), (1,)
+    return tuple(range(1, ndim)), (0,)
+
+
+def _role(fan_in_grows: bool, fan_out_grows: bool) -> str:
+    if fan_in_grows and fan_out_grows:
+        return "hidden"
+    if fan_out_grows:
+        return "input"
+    if fan_in_grows:
+        return "output"
+    return "fixed"
+
+
+def _named_params(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Module, str]]:
+    """(name, param, owning module, local name), first occurrence of tied parameters."""
+    seen: set[int] = set()
+    out = []
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            out.append((f"{mname}.{pname}" if mname else pname, p, module, pname))
+    return out
+
+
+def get_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of a model's parameters, wrapper prefixes removed."""
+    return {strip_prefixes(n): tuple(p.shape) for n, p, _, _ in _named_params(model)}
+
+
+def _as_shapes(x: Any, what: str) -> dict[str, tuple[int | None, ...]]:
+    if isinstance(x, nn.Module):
+        return get_shapes(x)
+    if isinstance(x, (str, os.PathLike)):
+        return load_base_shapes(x)
+    if isinstance(x, Mapping):
+        return {strip_prefixes(k): tuple(v) for k, v in x.items()}
+    raise TypeError(
+        f"{what} must be an nn.Module, a dict of shapes or a path to a .bsh file; got {type(x).__name__}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# set_base_shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def set_base_shapes(
+    model: nn.Module,
+    base: nn.Module | Mapping | str | os.PathLike | None,
+    delta: nn.Module | Mapping | None = None,
+    overrides: Mapping[str, str | Mapping[str, Any]] | None = None,
+    savefile: str | os.PathLike | None = None,
+) -> nn.Module:
+    """Record width metadata for every parameter of ``model`` (SPEC §1, App. F.5, F.7).
+
+    ``base``: the base model (an ``nn.Module``, ideally built on the ``meta`` device), a dict of
+    shapes, or a mup ``.bsh`` file (``null`` marks a finite dimension).  ``delta``: a model of a
+    third width that tells which dimensions scale where model and base coincide.  ``None`` for
+    ``base`` means the model is its own base (all multipliers 1; roles need ``delta``).
+
+    ``overrides`` maps a parameter-name glob to a role, or to a dict with any of ``role``,
+    ``fan_in_dims``, ``fan_out_dims`` for layouts the rules cannot infer.  Safe to call twice.
+    Returns ``model``.
+    """
+    params = _named_params(model)
+    shapes = {strip_prefixes(n): tuple(p.shape) for n, p, _, _ in params}
+    base_shapes = shapes if base is None else _as_shapes(base, "base")
+    from_bsh = isinstance(base, (str, os.PathLike))
+    delta_shapes = None if delta is None else _as_shapes(delta, "delta")
+    missing = sorted(set(shapes) - set(base_shapes))
+    extra = sorted(set(base_shapes) - set(shapes))
+    if missing or extra:
+        raise ValueError(
+            f"base does not match model: parameters missing from base {missing[:5]}, "
+            f"extra in base {extra[:5]}"
+        )
+    overrides = dict(overrides or {})
+    records: dict[str, WidthInfo] = {}
+    for full_name, _p, module, pname in params:
+        name = strip_prefixes(full_name)
+        shape = shapes[name]
+        bshape = base_shapes[name]
+        if len(bshape) != len(shape):
+            raise ValueError(f"{name}: base shape {bshape} has a different rank than {shape}")
+        if from_bsh:  # .bsh file: null marks finite dims
+            width = tuple(b is not None for b in bshape)
+            bshape = tuple(s if b is None else b for b, s in zip(bshape, shape))
+        else:
+            width = tuple(b != s for b, s in zip(bshape, shape))
+            if delta_shapes is not None:
+                dshape = delta_shapes.get(name)
+                if dshape is None or len(dshape) != len(shape):
+                    raise ValueError(f"delta does not match model at parameter {name}")
+                width = tuple(w or (dd != b) for w, dd, b in zip(width, dshape, bshape))
+        in_dims, out_dims = _fan_dims(module, pname, len(shape))
+        ov = _match_override(overrides, name)
+        role = None
+        if isinstance(ov, str):
+            role = ov
+        elif ov is not None:
+            in_dims = tuple(ov.get("fan_in_dims", in_dims))
+            out_dims = tuple(ov.get("fan_out_dims", out_dims))
+            role = ov.get("role")
+        if role is not None and role not in ROLES:
+            raise ValueError(f"override for {name}: role must be one of {ROLES}; got {role!r}")
+        fan_in = math.prod(shape[i] for i in in_dims)
+        fan_out = math.prod(shape[i] for i in out_dims)
+        bfan_in = math.prod(bshape[i] for i in in_dims)
+        bfan_out = math.prod(bshape[i] for i in out_dims)
+        if role is None:
+            role = _role(any(width[i] for i in in_dims), any(width[i] for i in out_dims))
+        info = WidthInfo(
+            name=name,
+            shape=shape,
+            base_shape=tuple(bshape),
+            width_dims=width,
+            fan_in=fan_in,
+            fan_out=fan_out,
+            base_fan_in=bfan_in,
+            base_fan_out=bfan_out,
+            role=role,
+            is_norm=isinstance(module, _NORM_TYPES),
+        )
+        records[name] = info
+    _set_layer_roles(records, params)
+    model._mupp_shapes = records
+    reattach(model)
+    if savefile is not None:
+        save_base_shapes(model, savefile)
+    return model
+
+
+def _set_layer_roles(records: dict[str, WidthInfo], params: list) -> None:
+    """Give every parameter the role of its module's ``weight`` (its layer's role)."""
+    weight_role = {}
+    for full_name, _p, module, pname in params:
+        if pname == "weight":
+            weight_role[id(module)] = records[strip_prefixes(full_name)].role
+    for full_name, _p, module, _pname in params:
+        name = strip_prefixes(full_name)
+        lr = weight_role.get(id(module), records[name].role)
+        records[name] = replace(records[name], layer_role=lr)
+
+
+def _match_override(overrides: Mapping[str, Any], name: str) -> Any:
+    for pattern, value in overrides.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return value
+    return None
+
+
+def reattach(model: nn.Module) -> nn.Module:
+    """Re-register the model's name-keyed record with its (possibly new) Parameter objects.
+
+    Needed after ``copy.deepcopy`` (which copies the record but not Parameter attributes); also
+    accepts models wrapped by DDP or torch.compile.  A model prepared by the ``mup`` package
+    (parameters carrying ``infshape``) is adopted without a record.
+    """
+    records = _records(model)
+    for full_name, p, module, pname in _named_params(model):
+        name = strip_prefixes(full_name)
+        info = records.get(name)
+        if info is None:
+            info = _from_mup_infshape(name, p, module, pname)
+            if info is None:
+                continue
+        _REGISTRY[p] = info
+        try:
+            p.infshape = info.infshape
+        except (AttributeError, RuntimeError):  # pragma: no cover - exotic tensor subclasses
+            pass
+    return model
+
+
+def _records(model: nn.Module) -> dict[str, WidthInfo]:
+    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        rec = getattr(m, "_mupp_shapes", None) if m is not None else None
+        if rec:
+            return rec
+    return {}
+
+
+def _from_mup_infshape(
+    name: str, p: torch.Tensor, module: nn.Module, pname: str
+) -> WidthInfo | None:
+    inf = getattr(p, "infshape", None)
+    if inf is None or not hasattr(inf, "ninf"):
+        return None
+    bshape = tuple(d.base_dim if d.isinf() else d.dim for d in inf)
+    width = tuple(bool(d.isinf()) for d in inf)
+    in_dims, out_dims = _fan_dims(module, pname, len(bshape))
+    shape = tuple(p.shape)
+    return WidthInfo(
+        name=name,
+        shape=shape,
+        base_shape=bshape,
+        width_dims=width,
+        fan_in=math.prod(shape[i] for i in in_dims),
+        fan_out=math.prod(shape[i] for i in out_dims),
+        base_fan_in=math.prod(bshape[i] for i in in_dims),
+        base_fan_out=math.prod(bshape[i] for i in out_dims),
+        role=_role(any(width[i] for i in in_dims), any(width[i] for i in out_dims)),
+        is_norm=isinstance(module, _NORM_TYPES),
+        extra={"mup_readout": type(module).__name__ == "MuReadout"},
+    )
+
+
+def get_info(p: torch.Tensor) -> WidthInfo | None:
+    """The :class:`WidthInfo` of a parameter, or ``None`` if it has none."""
+    info = _REGISTRY.get(p)
+    if info is not None:
+        return info
+    inf = getattr(p, "infshape", None)
+    if inf is not None and hasattr(inf, "ninf"):
+        # our view on a pickled/torch.saved parameter, or a model prepared by the mup package
+        bshape = tuple(d.base_dim if d.isinf() else d.dim for d in inf)
+        return _info_from_view(tuple(p.shape), bshape, tuple(d.isinf() for d in inf))
+    return None
+
+
+def _info_from_view(shape, bshape, width) -> WidthInfo:
+    in_dims, out_dims = _fan_dims(None, "", len(shape))
+    return WidthInfo(
+        name="",
+        shape=shape,
+        base_shape=bshape,
+        width_dims=width,
+        fan_in=math.prod(shape[i] for i in in_dims),
+        fan_out=math.prod(shape[i] for i in out_dims),
+        base_fan_in=math.prod(bshape[i] for i in in_dims),
+        base_fan_out=math.prod(bshape[i] for i in out_dims),
+        role=_role(any(width[i] for i in in_dims), any(width[i] for i in out_dims)),
+    )
+
+
+def require_info(p: torch.Tensor, where: str = "") -> WidthInfo:
+    """Like :func:`get_info` but raises a ``ValueError`` that says what to do."""
+    info = get_info(p)
+    if info is None:
+        raise ValueError(
+            f"{where}a parameter of shape {tuple(p.shape)} has no width metadata: call "
+            "mupp.set_base_shapes(model, base) first (or mupp.reattach(model) after "
+            "copy.deepcopy), or use parameterization='sp'"
+        )
+    return info
+
+
+def with_role(info: WidthInfo, role: str) -> WidthInfo:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}; got {role!r}")
+    return replace(info, role=role)
+
+
+# ---------------------------------------------------------------------------------------------
+# describe and .bsh files
+# ---------------------------------------------------------------------------------------------
+
+
+class ParamTable(list):
+    """List of dicts that prints as an aligned table."""
+
+    columns = ("name", "shape", "role", "fan_in", "fan_out", "width_mult")
+
+    def __str__(self) -> str:
+        rows = [[_fmt(r[c]) for c in self.columns] for r in self]
+        widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(self.columns)]
+        line = "  ".join(c.ljust(w) for c, w in zip(self.columns, widths))
+        out = [line, "  ".join("-" * w for w in widths)]
+        out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+        return "\n".join(out)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, tuple):
+        return "x".join(str(x) for x in v)
+    return str(v)
+
+
+def describe(model: nn.Module) -> ParamTable:
+    """One dict per parameter: ``name, shape, role, fan_in, fan_out, width_mult``."""
+    rows = ParamTable()
+    for full_name, p, _, _ in _named_params(model):
+        info = get_info(p)
+        if info is None:
+            reattach(model)
+            info = require_info(p, f"{full_name}: ")
+        rows.append(
+            {
+                "name": strip_prefixes(full_name),
+                "shape": tuple(p.shape),
+                "role": info.role,
+                "fan_in": info.fan_in,
+                "fan_out": info.fan_out,
+                "width_mult": info.width_mult,
+            }
+        )
+    return rows
+
+
+_BSH_HEADER = (
+    "# Base shapes (format of the mup package, YAML):\n"
+    "# null = finite dimension; a number = base size of a width dimension\n"
+)
+
+
+def save_base_shapes(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the model's base shapes as a mup-compatible ``.bsh`` YAML file."""
+    import yaml
+
+    data = {}
+    for full_name, p, _, _ in _named_params(model):
+        info = require_info(p, f"{full_name}: ")
+        data[strip_prefixes(full_name)] = [
+            b if w else None for b, w in zip(info.base_shape, info.width_dims)
+        ]
+    with open(path, "w") as f:
+        f.write(_BSH_HEADER + yaml.safe_dump(data, default_flow_style=None, sort_keys=False))
+
+
+def load_base_shapes(path: str | os.PathLike) -> dict[str, tuple[int | None, ...]]:
+    """Read a ``.bsh`` file: ``{name: base shape}`` with ``None`` for finite dimensions."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a base-shapes file (expected a YAML mapping)")
+    return {strip_prefixes(k): tuple(v) for k, v in data.items()}
+
+
+def infos(params: Iterable[torch.Tensor]) -> list[WidthInfo | None]:
+    return [get_info(p) for p in params]

@@ -1,0 +1,38 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mupp
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def shared_data_dir():
+    """``../shared/datasets`` when it holds CIFAR-10, else None (tests fall back to synthetic)."""
+    env = os.environ.get("MUPP_TEST_DATA")
+    if env:
+        return Path(env)
+    return SHARED if (SHARED / "cifar10.npz").exists() else None
+
+
+def mlp(width: int, d_in: int = 12, d_out: int = 5, bias: bool = False) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(d_in, width, bias=bias),
+        nn.ReLU(),
+        nn.Linear(width, width, bias=bias),
+        nn.ReLU(),
+        nn.Linear(width, d_out, bias=bias),
+    )
+
+
+def prepared_mlp(width: int = 32, base: int = 8, bias: bool = False) -> nn.Sequential:
+    model = mlp(width, bias=bias)
+    return mupp.set_base_shapes(model, mlp(base, bias=bias), delta=mlp(2 * base, bias=bias))
