@@ -66,12 +66,21 @@ def weight_decay_factor(
 
 
 def init_std_factor(info: WidthInfo) -> float:
-    """Spectral init std relative to base: ``σ ∝ fan_in^{-1/2} min(1, sqrt(fan_out/fan_in))``."""
+    """Spectral init std relative to base: ``σ ∝ fan_in^{-1/2} min(1, sqrt(fan_out/fan_in))``
+    (App. F.7), with the ``min`` taken as width grows: 1 for input-like tensors (``fan_in``
+    fixed, so the first layer keeps a width-independent init, ``b_1 = 0``), ``sqrt(fan_out/
+    fan_in)`` for output-like ones (variance ``∝ 1/n²``), the exact ratio for hidden ones."""
 
-    def sigma(fi: float, fo: float) -> float:
-        return fi**-0.5 * min(1.0, math.sqrt(fo / fi))
+    def clipped(fi: float, fo: float) -> float:
+        return min(1.0, math.sqrt(fo / fi))
 
-    return sigma(info.fan_in, info.fan_out) / sigma(info.base_fan_in, info.base_fan_out)
+    if info.role == "output":
+        shape = math.sqrt(info.fan_out_mult / info.fan_in_mult)
+    elif info.role == "hidden":
+        shape = clipped(info.fan_in, info.fan_out) / clipped(info.base_fan_in, info.base_fan_out)
+    else:
+        shape = 1.0
+    return info.fan_in_mult**-0.5 * shape
 
 
 def perturbation_exponents(

@@ -193,9 +193,8 @@ def test_lr_factors_match_spec_section_2(mult):
     assert sgd == pytest.approx([mult, 1, 1 / mult])  # fan_out/fan_in
     assert adam == pytest.approx([1, 1 / mult, 1 / mult])  # 1/fan_in
     init = [scaling.init_std_factor(f[n]) for n in ("0.weight", "2.weight", "4.weight")]
-    # σ ∝ fan_in^-1/2 min(1, sqrt(fan_out/fan_in)); d_in = 12 exceeds the base width 8 here
-    first = min(1, (8 * mult / 12) ** 0.5) / min(1, (8 / 12) ** 0.5)
-    assert init == pytest.approx([first, mult**-0.5, 1 / mult])
+    # σ ∝ fan_in^-1/2 min(1, sqrt(fan_out/fan_in)), the min taken as width grows (b_1 = 0)
+    assert init == pytest.approx([1, mult**-0.5, 1 / mult])
 
 
 def test_musgd_and_muadamw_groups():

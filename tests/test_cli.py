@@ -1,0 +1,43 @@
+"""The command-line tool: help, version, theory tables, errors."""
+
+import json
+import subprocess
+import sys
+
+import mupp
+from mupp.cli import main
+
+
+def test_help_lists_subcommands(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("data", "theory", "models"):
+        assert cmd in out
+
+
+def test_version():
+    out = subprocess.run(
+        [sys.executable, "-m", "mupp", "--version"], capture_output=True, text=True
+    )
+    assert out.stdout.strip() == f"mupp {mupp.__version__}"
+
+
+def test_theory_table_and_classify(capsys):
+    assert main(["theory"]) == 0
+    out = capsys.readouterr().out
+    assert "sam" in out and "n^-1.5" in out and "Table F.1" in out
+    assert (
+        main(["theory", "classify", "--b=0,0.5,1", "--c=-1,0,1", "--dl=0,0,0", "--d=1/2", "--json"])
+        == 0
+    )
+    res = json.loads(capsys.readouterr().out)
+    assert res["stable"] and res["effective"] == [False, False, True]
+    assert main(["theory", "classify", "--b=0,0.5,1", "--c=-1,0,1", "--dl=0,0,0", "--d=0"]) == 0
+    assert "UNSTABLE" in capsys.readouterr().out
+
+
+def test_import_is_light():
+    # (tqdm is left out: torch itself imports it)
+    code = "import sys, mupp; print(sorted(m for m in ('matplotlib', 'optuna', 'yaml', 'scipy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,94 @@
+"""Data: both on-disk layouts, lookup order, error message, augmentation, synthetic fallback."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared_data_dir
+
+from mupp import data
+from mupp.cli import main
+
+
+def write_python_layout(root, n_per_batch=6, seed=0):
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    images = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        x = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
+        y = list(rng.integers(0, 10, n_per_batch))
+        images[name] = (x, y)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": x, b"labels": y}, f)
+    return images
+
+
+def test_python_layout_is_read_exactly(tmp_path):
+    images = write_python_layout(tmp_path)
+    ds = data.load("cifar10", tmp_path)
+    assert ds.train.x.shape == (30, 3, 32, 32) and ds.test.x.shape == (6, 3, 32, 32)
+    x0, y0 = images["data_batch_1"]
+    assert torch.equal(ds.train.x[0], torch.from_numpy(x0[0].reshape(3, 32, 32)))
+    assert ds.train.y[:6].tolist() == [int(v) for v in y0]
+
+
+def test_npz_layout(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    np.savez(
+        tmp_path / "cifar10.npz",
+        x_train=x,
+        y_train=np.arange(10),
+        x_test=x[:4],
+        y_test=np.arange(4),
+    )
+    ds = data.load("cifar10", tmp_path)
+    assert torch.equal(ds.train.x[3], torch.from_numpy(x[3]).permute(2, 0, 1))
+
+
+def test_lookup_order_and_error_lists_every_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUPP_DATA_DIR", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError) as e:
+        data.load("cifar100", tmp_path / "explicit")
+    msg = str(e.value)
+    assert msg.index("explicit") < msg.index("env") < msg.index("cache")
+    assert "mupp data download cifar100" in msg
+    write_python_layout(tmp_path / "env")
+    assert len(data.load("cifar10").train) == 30  # found through $MUPP_DATA_DIR
+
+
+def test_augment_is_deterministic_and_crop_flip_valid():
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
+    a = data.augment(x, torch.Generator().manual_seed(7))
+    b = data.augment(x, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and a.shape == x.shape
+    same = data.augment(x, torch.Generator().manual_seed(0), pad=0)
+    for i in range(2):
+        assert torch.equal(same[i], x[i]) or torch.equal(same[i], x[i].flip(-1))
+
+
+def test_batches_normalize_and_flatten():
+    ds = data.synthetic(64, 16)
+    xb, yb = next(data.batches(ds.train, 32, shuffle=False, flatten=True))
+    assert xb.shape == (32, 3072) and yb.shape == (32,) and xb.dtype == torch.float32
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        next(data.batches(ds.train, 0, shuffle=False))
+
+
+def test_data_info_cli_on_real_or_synthetic(capsys, tmp_path):
+    root = shared_data_dir()
+    if root is None:  # no shared CIFAR-10: the standard layout written here
+        write_python_layout(tmp_path)
+        root = tmp_path
+    assert main(["data", "info", "cifar10", "--data-dir", str(root)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    if root == shared_data_dir():
+        assert out["train_size"] == 50000 and out["test_size"] == 10000
+        assert out["train_per_class"] == [5000] * 10 and out["test_per_class"] == [1000] * 10
+        assert out["train_mean"] == pytest.approx([0.4914, 0.4822, 0.4465], abs=2e-4)
+    else:
+        assert out["train_size"] == 30

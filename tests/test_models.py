@@ -1,0 +1,119 @@
+"""μP-ready models: shapes, roles, parameter counts, activation scale across widths."""
+
+import pytest
+import torch
+
+import mupp
+from mupp.models import MLP, ResNet8, ResNet18, ViT, build, count_params
+
+
+def roles(model):
+    return {r["name"]: r["role"] for r in mupp.describe(model)}
+
+
+def test_forward_shapes():
+    x = torch.randn(2, 3, 32, 32)
+    assert MLP(64, 32)(x).shape == (2, 10)
+    assert ResNet8(0.25, 0.125)(x).shape == (2, 10)
+    assert ViT(64, 32, depth=1, heads=2, num_classes=7)(x).shape == (2, 7)
+    assert build("mlp", 64, 32, d_out=3)(x).shape == (2, 3)
+
+
+def test_resnet18_standard_parameter_count():
+    with torch.device("meta"):
+        assert count_params(ResNet18(1.0, None)) == 11_173_962
+
+
+def test_roles_resnet():
+    r = roles(ResNet8(0.25, 0.125))
+    assert r["conv1.weight"] == "input"  # stem
+    assert r["bn1.weight"] == "input" and r["bn1.bias"] == "input"
+    assert r["layers.0.conv1.weight"] == "hidden" and r["layers.1.shortcut.0.weight"] == "hidden"
+    assert r["linear.weight"] == "output"
+    assert r["linear.bias"] == "fixed"
+
+
+def test_roles_vit_and_mlp():
+    r = roles(ViT(64, 32, depth=1, heads=2))
+    assert r["patch_embed.weight"] == "input" and r["patch_embed.bias"] == "input"
+    assert r["cls_token"] == "input" and r["pos_embed"] == "input"
+    assert r["blocks.0.norm1.weight"] == "input"
+    assert r["blocks.0.attn.qkv.weight"] == "hidden" and r["blocks.0.fc2.weight"] == "hidden"
+    assert r["head.weight"] == "output"
+    r = roles(MLP(128, 64))
+    assert list(r.values()) == ["input", "hidden", "output"]
+
+
+def test_zero_inits():
+    v = ViT(64, 32, depth=1, heads=2)
+    assert v.head.weight.abs().max() == 0
+    assert v.blocks[0].attn.qkv.weight[:64].abs().max() == 0
+    assert v.blocks[0].attn.qkv.weight[64:].abs().max() > 0
+    assert ResNet8(0.5, 0.25, readout_zero=True).linear.weight.abs().max() == 0
+
+
+def test_exact_bcd_mlp_follows_definition_4():
+    torch.manual_seed(0)
+    m = MLP(512, exact_bcd=True)
+    assert m.layers[2].weight.std().item() == pytest.approx(1 / 512, rel=0.05)  # variance n^-2
+    assert m.layers[1].weight.std().item() == pytest.approx((2 / 512) ** 0.5, rel=0.05)
+    assert [r["width_mult"] for r in mupp.describe(m)] == [512, 512, 512]  # base width 1: m = n
+
+
+def _hidden_rms(model, x):
+    feats = []
+    hooks = []
+    for mod in model.modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            hooks.append(
+                mod.register_forward_hook(
+                    lambda m, i, o: feats.append(o.pow(2).mean().sqrt().item())
+                )
+            )
+    with torch.no_grad():
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    return feats[:-1], out.pow(2).mean().sqrt().item()
+
+
+@pytest.mark.parametrize(
+    "make,widths",
+    [
+        (lambda w: MLP(w, 32), [32, 64, 128, 256]),
+        (lambda w: ResNet8(w, 0.125), [0.125, 0.25, 0.5, 1.0]),
+        (
+            lambda w: ViT(
+                w, 32, depth=2, heads=2, num_classes=10, readout_zero=False, zero_query=False
+            ),
+            [32, 64, 128, 256],
+        ),
+    ],
+)
+def test_activation_rms_stays_within_factor_2_across_widths(make, widths):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    per_width = []
+    for w in widths:
+        torch.manual_seed(1)
+        feats, out = _hidden_rms(make(w), x)
+        per_width.append(feats)
+    for layer in range(len(per_width[0])):
+        vals = [f[layer] for f in per_width]
+        assert max(vals) / min(vals) < 2.0, (layer, vals)
+
+
+def test_readout_output_shrinks_with_width_in_mup():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 32, 32)
+    outs = [_hidden_rms(MLP(w, 32), x)[1] for w in (32, 512)]
+    assert outs[1] < outs[0] / 2  # f_0 -> 0 as width grows (readout variance 1/n^2)
+
+
+def test_bad_model_arguments():
+    with pytest.raises(ValueError, match="model must be one of"):
+        build("resnet50", 1.0)
+    with pytest.raises(ValueError, match="divisible by heads"):
+        ViT(65, None, heads=2)
+    with pytest.raises(ValueError, match="width must be >= 1"):
+        MLP(0)

@@ -1,0 +1,480 @@
+"""SAM: perturbations per rule/variant against hand-written formulas, exactness, state, bad input."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import mlp, prepared_mlp
+from torch import nn
+
+import mupp
+from mupp import SAM
+
+M = 4  # width multiplier of the test MLP (width 32 against base 8)
+X = torch.randn(16, 12)
+Y = torch.randint(0, 5, (16,))
+
+
+def loss_fn(model):
+    dtype = next(model.parameters()).dtype
+    return F.cross_entropy(model(X.to(dtype)), Y)
+
+
+def grads_and_eps(model, **kw):
+    """Gradients at w and the perturbation ε that first_step adds (float64: ε is exact)."""
+    model.double()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, **kw)
+    loss_fn(model).backward()
+    g = [p.grad.clone() for p in model.parameters()]
+    w = [p.detach().clone() for p in model.parameters()]
+    opt.first_step()
+    eps = [p.detach() - w0 for p, w0 in zip(model.parameters(), w)]
+    opt.second_step()
+    return g, w, eps
+
+
+def fro(t):
+    return t.norm()
+
+
+def test_lp_mupp_matches_definition_4_with_theorem_11():
+    m = prepared_mlp(32, 8)
+    rho = 0.05
+    g, w, eps = grads_and_eps(m, rho=rho, parameterization="mupp")
+    d, dl = -0.5, [-0.5, 0.5, 1.5]
+    v = [M ** (-e) * gi for e, gi in zip(dl, g)]
+    nv = math.sqrt(sum(fro(x) ** 2 for x in v))
+    for e, vi in zip(eps, v):
+        torch.testing.assert_close(e, rho * M ** (-d) * vi / nv, rtol=1e-5, atol=1e-7)
+
+
+def test_lp_global_and_naive():
+    m = prepared_mlp(32, 8)
+    g, _, eps = grads_and_eps(
+        mupp.reattach(copy.deepcopy(m)), rho=0.05, parameterization="mup-global"
+    )
+    ng = math.sqrt(sum(fro(x) ** 2 for x in g))
+    for e, gi in zip(eps, g):
+        torch.testing.assert_close(e, 0.05 * M**-0.5 * gi / ng, rtol=1e-5, atol=1e-8)
+    g, _, eps = grads_and_eps(
+        mupp.reattach(copy.deepcopy(m)), rho=0.05, parameterization="mup-naive"
+    )
+    ng = math.sqrt(sum(fro(x) ** 2 for x in g))
+    for e, gi in zip(eps, g):
+        torch.testing.assert_close(e, 0.05 * gi / ng, rtol=1e-5, atol=1e-8)
+
+
+def test_dp_algorithm_1():
+    m = prepared_mlp(32, 8)
+    g, _, eps = grads_and_eps(m, rho=0.05, rule="DP")
+    num = [M, 1.0, 1 / M]  # fan_out/fan_in
+    den = [M**0.5, 1.0, M**-0.5]  # sqrt(fan_out/fan_in); readout (n_L n_{L+1})^{-1/2}
+    nd = math.sqrt(sum((s * fro(x)) ** 2 for s, x in zip(den, g)))
+    for e, gi, r in zip(eps, g, num):
+        torch.testing.assert_close(e, 0.05 * r * gi / nd, rtol=1e-5, atol=1e-8)
+
+
+def test_ln_layerwise_normalization():
+    m = prepared_mlp(32, 8)
+    g, _, eps = grads_and_eps(m, rho=0.05, rule="LN")
+    for e, gi, r in zip(eps, g, [M**0.5, 1.0, M**-0.5]):
+        torch.testing.assert_close(e, 0.05 * r * gi / fro(gi), rtol=1e-5, atol=1e-8)
+
+
+def test_unnormalized_scales_like_sgd_lr():
+    m = prepared_mlp(32, 8)
+    g, _, eps = grads_and_eps(m, rho=0.05, rule="unnormalized")
+    for e, gi, r in zip(eps, g, [M, 1.0, 1 / M]):
+        torch.testing.assert_close(e, 0.05 * r * gi, rtol=1e-5, atol=1e-8)
+
+
+def test_asam_elementwise_table_1():
+    m = prepared_mlp(32, 8)
+    g, w, eps = grads_and_eps(m, rho=0.05, variant="asam-elem")
+    # μP²: global n^{1/2}, no layerwise rescaling (Table 1, App. F.4.1)
+    nrm = math.sqrt(sum(fro(wi.abs() * gi) ** 2 for wi, gi in zip(w, g)))
+    for e, wi, gi in zip(eps, w, g):
+        torch.testing.assert_close(e, 0.05 * M**0.5 * wi * wi * gi / nrm, rtol=1e-5, atol=1e-9)
+
+
+def test_asam_layerwise_table_1():
+    m = prepared_mlp(32, 8)
+    g, w, eps = grads_and_eps(m, rho=0.05, variant="asam-layer")
+    dl = [0.0, 1.0, 0.0]  # d = 0 (App. F.4.2)
+    nrm = math.sqrt(sum((M**-e * fro(wi) * fro(gi)) ** 2 for e, wi, gi in zip(dl, w, g)))
+    for e, wi, gi, k in zip(eps, w, g, dl):
+        torch.testing.assert_close(e, 0.05 * M**-k * fro(wi) ** 2 * gi / nrm, rtol=1e-5, atol=1e-9)
+
+
+def test_last_layer_and_first_layer_variants():
+    m = prepared_mlp(32, 8)
+    g, _, eps = grads_and_eps(mupp.reattach(copy.deepcopy(m)), rho=0.05, variant="last-layer")
+    assert eps[0].abs().max() == 0 and eps[1].abs().max() == 0
+    torch.testing.assert_close(eps[2], 0.05 * M**-0.5 * g[2] / fro(g[2]), rtol=1e-5, atol=1e-8)
+    g, _, eps = grads_and_eps(mupp.reattach(copy.deepcopy(m)), rho=0.05, variant="first-layer")
+    assert eps[1].abs().max() == 0 and eps[2].abs().max() == 0
+    torch.testing.assert_close(eps[0], 0.05 * M**0.5 * g[0] / fro(g[0]), rtol=1e-5, atol=1e-8)
+
+
+def test_sam_on_perturbs_only_normalization_parameters():
+    class Net(nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.fc1 = nn.Linear(12, w)
+            self.ln = nn.LayerNorm(w)
+            self.fc2 = nn.Linear(w, 5)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.ln(self.fc1(x))))
+
+    m = mupp.set_base_shapes(Net(32), Net(8)).double()
+    opt = SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.05, variant="sam-on")
+    loss_fn(m).backward()
+    g = {n: p.grad.clone() for n, p in m.named_parameters()}
+    w = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt.first_step()
+    eps = {n: p.detach() - w[n] for n, p in m.named_parameters()}
+    for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+        assert eps[n].abs().max() == 0, n
+    nrm = math.sqrt(fro(g["ln.weight"]) ** 2 + fro(g["ln.bias"]) ** 2)
+    for n in ("ln.weight", "ln.bias"):  # global n^{1/2}, input-like factor 1
+        torch.testing.assert_close(eps[n], 0.05 * M**0.5 * g[n] / nrm, rtol=1e-5, atol=1e-9)
+
+
+def test_general_form_roles_follow_appendix_f1():
+    m = prepared_mlp(32, 8)
+    g, _, eps = grads_and_eps(m, rho=0.05, perturb={"hidden", "output"})
+    # rule 2 of App. F.1: d = 0, hidden d_l = 0, output d_l = 1
+    v = [M**-0.0 * g[1], M**-1.0 * g[2]]
+    nv = math.sqrt(sum(fro(x) ** 2 for x in v))
+    assert eps[0].abs().max() == 0
+    torch.testing.assert_close(eps[1], 0.05 * v[0] / nv, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(eps[2], 0.05 * v[1] / nv, rtol=1e-5, atol=1e-8)
+
+
+def test_mup_readout_multiplier_uses_lemma_f12():
+    m = prepared_mlp(32, 8)
+    g, _, eps = grads_and_eps(m, rho=0.05, weight_multipliers="mup")
+    d, dl = -0.5, [-0.5, 0.5, -0.5]
+    v = [M ** (-e) * gi for e, gi in zip(dl, g)]
+    nv = math.sqrt(sum(fro(x) ** 2 for x in v))
+    for e, vi in zip(eps, v):
+        torch.testing.assert_close(e, 0.05 * M ** (-d) * vi / nv, rtol=1e-5, atol=1e-8)
+
+
+def test_mu_lr_factors_in_param_groups():
+    m = prepared_mlp(32, 8)
+    opt = SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.05, momentum=0.9)
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert [lr[id(p)] for p in m.parameters()] == pytest.approx([0.4, 0.1, 0.025])
+    opt = SAM(m.parameters(), torch.optim.AdamW, lr=0.1, rho=0.05)
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert [lr[id(p)] for p in m.parameters()] == pytest.approx([0.1, 0.025, 0.025])
+    assert opt.param_groups is opt.base_optimizer.param_groups
+
+
+def reference_sam_step(model, base, rho, closure):
+    """Plain SAM as the popular PyTorch packages write it (loop over parameters, stored copy)."""
+    loss = closure()
+    with torch.no_grad():
+        norm = torch.norm(
+            torch.stack([p.grad.norm(2) for p in model.parameters() if p.grad is not None]), 2
+        )
+        old = {}
+        for p in model.parameters():
+            old[p] = p.data.clone()
+            p.add_(p.grad * (rho / (norm + 1e-12)))
+    base.zero_grad()
+    closure()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = old[p]
+    base.step()
+    base.zero_grad()
+    return loss
+
+
+@pytest.mark.parametrize(
+    "parameterization,width,base_cls,kw",
+    [
+        ("mupp", 8, torch.optim.SGD, dict(momentum=0.9, weight_decay=5e-4)),
+        ("mupp", 8, torch.optim.AdamW, dict(weight_decay=0.1)),
+        ("sp", 32, torch.optim.SGD, dict(momentum=0.9)),
+    ],
+)
+def test_equals_plain_sam_at_base_width_and_sp(parameterization, width, base_cls, kw):
+    torch.manual_seed(3)
+    a = prepared_mlp(width, 8)
+    b = copy.deepcopy(a)
+    opt = SAM(a.parameters(), base_cls, lr=0.05, rho=0.1, parameterization=parameterization, **kw)
+    ref = base_cls(b.parameters(), lr=0.05, **kw)
+    for _ in range(5):
+
+        def ca():
+            loss = loss_fn(a)
+            loss.backward()
+            return loss
+
+        def cb():
+            loss = loss_fn(b)
+            loss.backward()
+            return loss
+
+        la = opt.step(ca)
+        opt.zero_grad()
+        lb = reference_sam_step(b, ref, 0.1, cb)
+        torch.testing.assert_close(la, lb)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
+def test_exact_restore_and_first_second_step_contract():
+    m = prepared_mlp()
+    opt = SAM(m.parameters(), torch.optim.SGD, lr=0.0, rho=0.5)
+    w = [p.detach().clone() for p in m.parameters()]
+    loss_fn(m).backward()
+    opt.first_step(zero_grad=True)
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in m.parameters())
+    assert any(not torch.equal(p, w0) for p, w0 in zip(m.parameters(), w))
+    with pytest.raises(RuntimeError, match="first_step\\(\\) called twice"):
+        opt.first_step()
+    loss_fn(m).backward()
+    opt.second_step()
+    for p, w0 in zip(m.parameters(), w):
+        assert torch.equal(p, w0)  # lr 0: bit-exact restore
+    with pytest.raises(RuntimeError, match="before first_step"):
+        opt.second_step()
+    with pytest.raises(RuntimeError, match="needs a closure"):
+        opt.step()
+
+
+def test_state_dict_resume_continues_identically():
+    torch.manual_seed(5)
+    a = prepared_mlp()
+    opt = SAM(a.parameters(), torch.optim.SGD, lr=0.05, rho=0.1, momentum=0.9)
+
+    def closure_for(model):
+        def c():
+            loss = loss_fn(model)
+            loss.backward()
+            return loss
+
+        return c
+
+    for _ in range(3):
+        opt.step(closure_for(a))
+        opt.zero_grad()
+    sd = copy.deepcopy(opt.state_dict())
+    assert any("momentum_buffer" in s for s in sd["state"].values())
+    b = copy.deepcopy(a)
+    mupp.reattach(b)
+    opt_b = SAM(b.parameters(), torch.optim.SGD, lr=0.05, rho=0.1, momentum=0.9)
+    opt_b.load_state_dict(sd)
+    assert opt_b.param_groups is opt_b.base_optimizer.param_groups
+    for _ in range(3):
+        opt.step(closure_for(a))
+        opt.zero_grad()
+        opt_b.step(closure_for(b))
+        opt_b.zero_grad()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_lr_scheduler_and_per_group_rho():
+    m = prepared_mlp()
+    opt = SAM(
+        [{"params": [m[0].weight], "rho": 0.0}, {"params": [m[2].weight, m[4].weight]}],
+        torch.optim.SGD,
+        lr=0.1,
+        rho=0.2,
+    )
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    before = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    loss_fn(m).backward()
+    w0 = m[0].weight.detach().clone()
+    opt.first_step(zero_grad=True)
+    assert torch.equal(m[0].weight, w0)  # rho = 0 in its group
+    loss_fn(m).backward()
+    opt.second_step(zero_grad=True)
+    sched.step()
+    after = {id(p): g["lr"] for g in opt.base_optimizer.param_groups for p in g["params"]}
+    assert all(after[k] == pytest.approx(before[k] * 0.5) for k in before)
+
+
+def test_frozen_and_gradless_parameters_are_skipped():
+    m = prepared_mlp(bias=True)
+    m[0].weight.requires_grad_(False)
+    opt = SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.1)
+    w = m[0].weight.detach().clone()
+    b4 = m[4].bias.detach().clone()
+    F.cross_entropy(m(X), Y).backward()
+    m[4].bias.grad = None
+    opt.first_step()
+    assert torch.equal(m[0].weight, w) and torch.equal(m[4].bias, b4)
+    opt.second_step()
+
+
+def test_zero_gradient_gives_zero_perturbation():
+    m = prepared_mlp()
+    opt = SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.1)
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    w = [p.detach().clone() for p in m.parameters()]
+    opt.first_step()
+    assert all(torch.equal(p, w0) for p, w0 in zip(m.parameters(), w))
+    opt.restore()
+
+
+@pytest.mark.parametrize("where", ["first", "second"])
+def test_nonfinite_gradients_never_reach_the_weights(where):
+    m = prepared_mlp()
+    opt = SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, momentum=0.9)
+    w = [p.detach().clone() for p in m.parameters()]
+    loss_fn(m).backward()
+    if where == "first":
+        m[2].weight.grad[0, 0] = float("inf")
+    opt.first_step(zero_grad=True)
+    loss_fn(m).backward()
+    if where == "second":
+        m[4].weight.grad[0, 0] = float("nan")
+    opt.second_step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(p, w0) for p, w0 in zip(m.parameters(), w))
+    assert not opt.base_optimizer.state  # momentum untouched
+    opt2 = SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, nonfinite="raise")
+    loss_fn(m).backward()
+    opt2.first_step(zero_grad=True)
+    loss_fn(m).backward()
+    m[4].weight.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="weights are unchanged"):
+        opt2.second_step()
+    assert all(torch.equal(p, w0) for p, w0 in zip(m.parameters(), w))
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(rho=-1.0), "rho must be a non-negative finite number"),
+        (dict(rho=float("nan")), "rho must be a non-negative finite number"),
+        (dict(lr=float("inf")), "lr must be a non-negative finite number"),
+        (dict(parameterization="mup"), "parameterization must be one of"),
+        (dict(rule="XX"), "rule must be one of"),
+        (dict(variant="asam"), "variant must be one of"),
+        (dict(variant="asam-elem", rule="DP"), "needs rule='LP'"),
+        (dict(nonfinite="maybe"), "nonfinite must be one of"),
+        (dict(weight_multipliers="foo"), "weight_multipliers must be one of"),
+    ],
+)
+def test_bad_arguments(kw, match):
+    m = prepared_mlp()
+    args = dict(lr=0.1, rho=0.1)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        SAM(m.parameters(), torch.optim.SGD, **args)
+
+
+def test_bad_base_optimizer_and_missing_metadata():
+    with pytest.raises(ValueError, match="base_optimizer must be a torch.optim.Optimizer class"):
+        SAM(prepared_mlp().parameters(), "sgd", lr=0.1, rho=0.1)
+    with pytest.raises(ValueError, match="has no width metadata"):
+        SAM(mlp(8).parameters(), torch.optim.SGD, lr=0.1, rho=0.1)
+    SAM(mlp(8).parameters(), torch.optim.SGD, lr=0.1, rho=0.1, parameterization="sp")
+
+
+def test_editing_rho_to_a_bad_value_fails_before_touching_weights():
+    m = prepared_mlp()
+    opt = SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.1)
+    opt.param_groups[0]["rho"] = -1
+    w = [p.detach().clone() for p in m.parameters()]
+    loss_fn(m).backward()
+    with pytest.raises(ValueError, match="rho must be"):
+        opt.first_step()
+    assert all(torch.equal(p, w0) for p, w0 in zip(m.parameters(), w))
+
+
+def test_batchnorm_stats_frozen_in_perturbed_pass():
+    bn_model = nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
+    bn = bn_model[1]
+    bn_model(X)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    with mupp.frozen_bn_stats(bn_model):
+        bn_model(X).sum().backward()
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert bn.track_running_stats
+    bn_model(X)
+    assert bn.num_batches_tracked.item() == 2
+
+
+def test_same_randomness_replays_dropout_masks():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 32), nn.Dropout(0.5), nn.Linear(32, 5))
+    opt = SAM(
+        net.parameters(),
+        torch.optim.SGD,
+        lr=0.0,
+        rho=0.0,
+        parameterization="sp",
+        same_randomness=True,
+    )
+    outs = []
+
+    def closure():
+        out = net(X)
+        outs.append(out.detach())
+        out.sum().backward()
+        return out.sum()
+
+    opt.step(closure)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_autocast_bf16_and_gradscaler_recipe():
+    m = prepared_mlp()
+    opt = SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_fn(m).backward()
+    opt.first_step(zero_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_fn(m).backward()
+    opt.second_step(zero_grad=True)
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    # GradScaler: an overflow in the first pass skips the whole step
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    w = [p.detach().clone() for p in m.parameters()]
+    scaler.scale(loss_fn(m)).backward()
+    m[2].weight.grad[0, 0] = float("inf")
+    opt.first_step(zero_grad=True)
+    scaler.scale(loss_fn(m)).backward()
+    opt.second_step(zero_grad=True, scaler=scaler)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**3
+    assert all(torch.equal(p, w0) for p, w0 in zip(m.parameters(), w))
+
+
+def test_m_sharpness_with_restore_and_accumulation():
+    """m-sharpness: a perturbation per sub-batch, descent gradients averaged (docs recipe)."""
+    m = prepared_mlp()
+    opt = SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.1)
+    params = list(m.parameters())
+    acc = [torch.zeros_like(p) for p in params]
+    chunks = list(zip(X.chunk(4), Y.chunk(4)))
+    w = [p.detach().clone() for p in params]
+    expected = [torch.zeros_like(p) for p in params]
+    for xb, yb in chunks:
+        opt.zero_grad()
+        F.cross_entropy(m(xb), yb).backward()
+        opt.first_step(zero_grad=True)
+        (F.cross_entropy(m(xb), yb) / len(chunks)).backward()
+        for a, e, p in zip(acc, expected, params):
+            a += p.grad
+            e += p.grad
+        opt.restore()
+    for p, a in zip(params, acc):
+        p.grad = a
+    opt.base_optimizer.step()
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for p, w0, e in zip(params, w, expected):
+        torch.testing.assert_close(p.detach(), w0 - lrs[id(p)] * e)
