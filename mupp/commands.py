@@ -26,7 +26,76 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def cmd_coordcheck(args: argparse.Namespace) -> int:
+    import json
+
+    from .diagnostics import coordcheck, format_tables, plot
+
+    widths = [
+        int(w) if float(w).is_integer() and args.model != "resnet" else w for w in args.widths
+    ]
+    result = coordcheck(
+        args.model,
+        widths,
+        base_width=args.base_width,
+        parameterization=args.parameterization,
+        variant=args.variant,
+        rule=args.rule,
+        steps=args.steps,
+        seeds=args.seeds,
+        lr=args.lr,
+        rho=args.rho,
+        batch_size=args.batch_size,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+    )
+    print(format_tables(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def add_sam_args(p: argparse.ArgumentParser) -> None:
+    """The SAM options shared by coordcheck, train and sweep."""
+    from .optim.groups import PARAMETERIZATIONS
+    from .optim.perturbation import RULES, VARIANTS
+
+    p.add_argument("--parameterization", default="mupp", choices=PARAMETERIZATIONS)
+    p.add_argument("--variant", default="sam", choices=VARIANTS)
+    p.add_argument("--rule", default="LP", choices=RULES)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("coordcheck", help="perturbation and update coordinate check across widths")
+    c.add_argument("--model", default="mlp", choices=["mlp", "resnet", "vit"])
+    add_sam_args(c)
+    c.add_argument("--widths", type=_float_list, default=[64, 128, 256, 512])
+    c.add_argument("--base-width", type=float, default=None)
+    c.add_argument("--steps", type=int, default=10)
+    c.add_argument("--seeds", type=int, default=2)
+    c.add_argument("--lr", type=float, default=0.1)
+    c.add_argument("--rho", type=float, default=0.1)
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--dataset", default="synthetic", choices=["cifar10", "cifar100", "synthetic"])
+    c.add_argument("--data-dir", default=None)
+    c.add_argument("--json", default=None, help="write the result as JSON")
+    c.add_argument("--plot", default=None, help="write a log-log plot (PNG)")
+    c.set_defaults(func=cmd_coordcheck)
+
     m = sub.add_parser("models", help="list the models with parameter counts at given widths")
     m.add_argument("--widths", type=lambda s: [float(x) for x in s.split(",")], default=None)
     m.set_defaults(func=cmd_models)

@@ -220,6 +220,19 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
+    def perturbation(self, p: torch.Tensor) -> torch.Tensor | None:
+        """ε of parameter ``p`` while a :meth:`first_step` is pending (``None`` if ``p`` is
+        not perturbed), for diagnostics."""
+        if not self._pending:
+            raise RuntimeError(
+                "perturbation() is only available between first_step() and second_step()"
+            )
+        for q, saved in zip(self._perturbed, self._saved):
+            if q is p:
+                return p.detach() - saved
+        return None
+
+    @torch.no_grad()
     def restore(self) -> None:
         """Put back the exact weights saved by :meth:`first_step` (no base step)."""
         if not self._pending:

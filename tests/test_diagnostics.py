@@ -1,0 +1,133 @@
+"""Diagnostics: the qualitative width exponents of SPEC §5 on a small synthetic setting, probes."""
+
+import json
+
+import pytest
+import torch
+
+from mupp.cli import main
+from mupp.diagnostics import (
+    coordcheck,
+    feature_rank,
+    grad_norm,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    slope,
+    spectral_norm,
+)
+
+WIDTHS = [64, 128, 256, 512, 1024]
+
+
+@pytest.fixture(scope="module")
+def checks():
+    return {
+        p: coordcheck(
+            "mlp", WIDTHS, parameterization=p, steps=8, seeds=1, dataset="synthetic", progress=False
+        )
+        for p in ("mupp", "mup-global", "mup-naive")
+    }
+
+
+def test_mupp_perturbation_effect_is_width_independent_in_every_layer(checks):
+    s = checks["mupp"]["slopes"]["pert_rms"]
+    assert all(abs(v) < 0.2 for v in s.values()), s
+
+
+def test_global_scaling_perturbations_vanish_before_the_readout(checks):
+    s = checks["mup-global"]["slopes"]["pert_rms"]
+    assert s["layers.0"] < -1.0 and s["layers.1"] < -0.4, s
+    assert s["layers.2"] > -0.2, s
+
+
+def test_naive_scaling_readout_perturbation_grows(checks):
+    s = checks["mup-naive"]["slopes"]["pert_rms"]
+    assert s["layers.2"] > 0.5, s
+    assert s["layers.2"] > checks["mup-global"]["slopes"]["pert_rms"]["layers.2"] + 0.3
+
+
+def test_updates_are_width_independent_under_mup_for_every_perturbation_scaling(checks):
+    for p, r in checks.items():
+        assert all(abs(v) < 0.2 for v in r["slopes"]["update_rms"].values()), (
+            p,
+            r["slopes"]["update_rms"],
+        )
+
+
+def test_result_schema(checks):
+    r = checks["mupp"]
+    assert r["widths"] == WIDTHS and r["layers"] == ["layers.0", "layers.1", "layers.2"]
+    assert set(r["metrics"]) == {
+        "pert_rms",
+        "pert_rel_spec",
+        "update_rms",
+        "update_spec",
+        "act_rms",
+    }
+    assert all(len(v) == len(WIDTHS) for v in r["metrics"]["act_rms"].values())
+
+
+def test_slope_fit():
+    assert slope([1, 2, 4, 8], [3, 6, 12, 24]) == pytest.approx(1.0)
+    assert slope([1, 2, 4], [1, 0.5, 0.25]) == pytest.approx(-1.0)
+    assert slope([1, 2], [1, 0]) != slope([1, 2], [1, 0])  # nan for non-positive values
+
+
+def test_spectral_norm_power_iteration():
+    w = torch.randn(30, 20)
+    assert spectral_norm(w, iters=100) == pytest.approx(
+        torch.linalg.matrix_norm(w, 2).item(), rel=1e-3
+    )
+
+
+def test_probes_on_a_quadratic():
+    model = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0, 3.0]]))
+    x = torch.diag(torch.tensor([1.0, 2.0, 3.0]))  # loss = mean((Wx)^2) -> H = 2/3 diag(1, 4, 9)
+
+    def loss():
+        return model(x).pow(2).mean()
+
+    assert hessian_top_eigenvalue(model, loss, iters=50) == pytest.approx(6.0, rel=1e-3)
+    assert hessian_trace(model, loss, samples=30) == pytest.approx(2 / 3 * 14, rel=1e-4)
+    g = torch.autograd.grad(loss(), model.weight)[0].norm().item()
+    assert grad_norm(model, loss) == pytest.approx(g)
+    feats = torch.randn(200, 3) @ torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1e-4]])
+    assert feature_rank(feats) == 2
+
+
+def test_coordcheck_cli_writes_json_and_plot(tmp_path, capsys):
+    js, png = tmp_path / "c.json", tmp_path / "c.png"
+    argv = [
+        "coordcheck",
+        "--widths",
+        "32,64",
+        "--steps",
+        "1",
+        "--seeds",
+        "1",
+        "--json",
+        str(js),
+        "--plot",
+        str(png),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pert_rms" in out and "slope" in out
+    data = json.loads(js.read_text())
+    assert data["widths"] == [32, 64] and "slopes" in data
+    assert png.stat().st_size > 10_000
+
+
+def test_coordcheck_bad_input():
+    with pytest.raises(ValueError, match="at least 2 entries"):
+        coordcheck("mlp", [64], progress=False)
+    with pytest.raises(ValueError, match="model must be one of"):
+        coordcheck("cnn", [64, 128], progress=False)
+
+
+def test_resnet_and_vit_coordcheck_run():
+    for model, widths in (("resnet", [0.125, 0.25]), ("vit", [32, 64])):
+        r = coordcheck(model, widths, steps=1, seeds=1, batch_size=8, progress=False)
+        assert all(v > 0 for vals in r["metrics"]["act_rms"].values() for v in vals)
