@@ -79,7 +79,288 @@ def add_sam_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule", default="LP", choices=RULES)
 
 
+# ------------------------------------------------------------------------------ train / sweep
+
+TRAIN_FLAGS = {
+    # flag: (type, help)
+    "model": (str, "mlp | resnet18 | resnet10 | resnet8 | vit"),
+    "width": (float, "hidden width (ResNets: width multiplier)"),
+    "base_width": (float, "base width of the μP scaling"),
+    "dataset": (str, "cifar10 | cifar100 | synthetic"),
+    "data_dir": (str, "where the dataset lives"),
+    "train_subset": (int, "use the first N training images"),
+    "test_subset": (int, "use the first N test images"),
+    "optimizer": (str, "sgd | adamw"),
+    "lr": (float, "base learning rate η"),
+    "rho": (float, "perturbation radius ρ (0: base optimizer only)"),
+    "momentum": (float, "SGD momentum"),
+    "weight_decay": (float, "weight decay"),
+    "schedule": (str, "constant | cosine"),
+    "warmup_epochs": (float, "linear warmup epochs"),
+    "label_smoothing": (float, "label smoothing"),
+    "batch_size": (int, "batch size"),
+    "epochs": (int, "epochs"),
+    "seed": (int, "seed"),
+    "device": (str, "cpu | cuda"),
+}
+
+
+def _parse_value(text: str):
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _apply_sets(config: dict, sets: list[str] | None) -> dict:
+    for item in sets or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE; got {item!r}")
+        k, v = item.split("=", 1)
+        config[k.strip()] = _parse_value(v)
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, load_config_file, train
+
+    config = load_config_file(args.config) if args.config else {}
+    config = dict(config.get("train", config))
+    for name in TRAIN_FLAGS:
+        v = getattr(args, name, None)
+        if v is not None:
+            config[name] = v
+    for flag in ("parameterization", "variant", "rule"):
+        if getattr(args, flag) is not None:
+            config[flag] = getattr(args, flag)
+    if args.nesterov:
+        config["nesterov"] = True
+    if args.augment:
+        config["augment"] = True
+    _apply_sets(config, args.set)
+    cfg = TrainConfig.from_dict(config)
+    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    from .distributed import world
+
+    if world()[0] != 0:
+        return 0
+    print(
+        f"best test acc {result['best_test_acc']:.4f} (epoch {result['best_epoch']}), final "
+        f"{result['final_test_acc']:.4f}, diverged {result['diverged']}, {result['wall_time']:.1f}s"
+    )
+    if args.out:
+        print(f"wrote {args.out}/result.json")
+    return 0
+
+
+def load_preset(name: str) -> dict:
+    from importlib import resources
+
+    from .train import load_config_file
+
+    path = resources.files("mupp") / "presets" / f"{name}.toml"
+    if not path.is_file():
+        names = sorted(
+            p.name[:-5]
+            for p in (resources.files("mupp") / "presets").iterdir()
+            if p.name.endswith(".toml")
+        )
+        raise ValueError(f"preset must be one of {names}; got {name!r}")
+    return load_config_file(str(path))
+
+
+def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict]:
+    from .train import load_config_file
+
+    if args.preset and args.config:
+        raise ValueError("give either --preset or --config, not both")
+    spec = (
+        load_preset(args.preset)
+        if args.preset
+        else load_config_file(args.config)
+        if args.config
+        else {}
+    )
+    base = dict(spec.get("train", {}))
+    grid = {k: list(v) for k, v in spec.get("grid", {}).items()}
+    if args.data_dir:
+        base["data_dir"] = args.data_dir
+    _apply_sets(base, args.set)
+    for item in args.grid or []:
+        if "=" not in item:
+            raise ValueError(f"--grid expects KEY=V1,V2,...; got {item!r}")
+        k, v = item.split("=", 1)
+        grid[k.strip()] = [_parse_value(x) for x in v.split(",")]
+    if not grid:
+        raise ValueError(
+            "the sweep has no grid: use --preset, a --config with a [grid] table, or --grid"
+        )
+    from .train import TrainConfig
+
+    probe = dict(base)
+    probe.update({k: v[0] for k, v in grid.items()})
+    TrainConfig.from_dict(probe)  # unknown or invalid options fail before any work starts
+    return base, grid
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    base, grid = _sweep_spec(args)
+    results = run_sweep(
+        grid,
+        base,
+        args.out,
+        storage=args.storage,
+        workers=args.workers,
+        progress=not args.no_progress,
+        reclaim_running=args.reclaim_running,
+    )
+    print(f"sweep finished: {len(results)} results in {args.out}")
+    return 0
+
+
+def _rows(args: argparse.Namespace) -> list[dict]:
+    from .analysis import rows_from_records
+    from .sweep import load_results, storage_url
+
+    records = load_results(storage_url(args.out, args.storage))
+    if not records:
+        raise ValueError(f"no finished runs in the sweep at {args.out}")
+    return rows_from_records(records)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .analysis import plot_sweep
+
+    paths = plot_sweep(_rows(args), str(Path(args.out) / "sweep"))
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    import json
+
+    from .analysis import format_transfer, transfer_summary
+
+    summary = transfer_summary(_rows(args))
+    print(format_transfer(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from . import data
+    from .analysis import format_transfer, plot_sweep, rows_from_records, transfer_summary
+    from .sweep import run_sweep
+
+    spec = load_preset("mlp-cifar10-quick")
+    base, grid = dict(spec["train"]), {k: list(v) for k, v in spec["grid"].items()}
+    try:
+        data.load("cifar10", args.data_dir)
+        base["data_dir"] = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    except FileNotFoundError as e:
+        print(f"mupp demo: CIFAR-10 not found, using synthetic data instead.\n{e}")
+        base["dataset"] = "synthetic"
+        base.pop("train_subset", None)
+    t0 = time.time()
+    print(
+        f"mupp demo: {len(grid['width'])} widths x {len(grid['lr'])} lr x {len(grid['rho'])} rho x "
+        f"{len(grid['parameterization'])} parameterizations, {base['epochs']} epochs each, output in {args.out}"
+    )
+    records = run_sweep(grid, base, args.out, workers=args.workers, progress=not args.no_progress)
+    rows = rows_from_records(records)
+    paths = plot_sweep(rows, str(Path(args.out) / "sweep"))
+    summary = transfer_summary(rows)
+    (Path(args.out) / "transfer.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(format_transfer(summary))
+    print(f"figures: {', '.join(paths)}")
+    print(f"transfer table: {Path(args.out) / 'transfer.json'}; wall time {time.time() - t0:.0f}s")
+    return 0
+
+
+def _add_sweep_io(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out", default="runs/sweep", help="output directory (runs, SQLite storage, figures)"
+    )
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL (default: SQLite in --out; 'journal:PATH' for a journal file)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="one training run from flags or a TOML/YAML config")
+    t.add_argument("--config", default=None, help="TOML/YAML file (a [train] table or flat keys)")
+    for name, (typ, hlp) in TRAIN_FLAGS.items():
+        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=hlp)
+    t.add_argument("--parameterization", default=None)
+    t.add_argument("--variant", default=None)
+    t.add_argument("--rule", default=None)
+    t.add_argument("--nesterov", action="store_true")
+    t.add_argument("--augment", action="store_true", help="random crop + horizontal flip")
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help='any training option, e.g. model_kwargs={"output_mult": 0.5}',
+    )
+    t.add_argument("--out", default=None, help="directory for checkpoint.pt and result.json")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sweep", help="grid sweep through Optuna storage (resumable, multi-worker)")
+    s.add_argument(
+        "--preset",
+        default=None,
+        help="mlp-cifar10 | mlp-cifar10-quick | resnet18-cifar10 | resnet-cifar10-quick | vit-cifar100",
+    )
+    s.add_argument("--config", default=None, help="TOML/YAML with [train] and [grid] tables")
+    s.add_argument(
+        "--grid", action="append", metavar="KEY=V1,V2", help="add or replace a grid axis"
+    )
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training option")
+    s.add_argument("--data-dir", default=None)
+    _add_sweep_io(s)
+    s.add_argument("--workers", type=int, default=1, help="local worker processes")
+    s.add_argument(
+        "--reclaim-running",
+        action="store_true",
+        help="re-run trials left RUNNING by killed workers now (no other worker alive)",
+    )
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_sweep)
+
+    pl = sub.add_parser("plot", help="Fig. 1-style heatmaps and slices of a sweep (PNG + PDF)")
+    _add_sweep_io(pl)
+    pl.set_defaults(func=cmd_plot)
+
+    tr = sub.add_parser("transfer", help="optimum per width, shift, transfer regret, SAM gain")
+    _add_sweep_io(tr)
+    tr.add_argument("--json", default=None)
+    tr.set_defaults(func=cmd_transfer)
+
+    d = sub.add_parser("demo", help="the main job: mlp-cifar10-quick sweep, then plot and transfer")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--data-dir", default=None)
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
     c = sub.add_parser("coordcheck", help="perturbation and update coordinate check across widths")
     c.add_argument("--model", default="mlp", choices=["mlp", "resnet", "vit"])
     add_sam_args(c)

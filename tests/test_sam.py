@@ -478,3 +478,25 @@ def test_m_sharpness_with_restore_and_accumulation():
     lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     for p, w0, e in zip(params, w, expected):
         torch.testing.assert_close(p.detach(), w0 - lrs[id(p)] * e)
+
+
+def test_last_layer_fast_path_skips_earlier_gradients_and_matches():
+    torch.manual_seed(2)
+    a = prepared_mlp()
+    b = mupp.reattach(copy.deepcopy(a))
+    oa = SAM(a.parameters(), torch.optim.SGD, lr=0.1, rho=0.2, variant="last-layer")
+    ob = SAM(b.parameters(), torch.optim.SGD, lr=0.1, rho=0.2, variant="last-layer")
+    with oa.ascent_pass():
+        loss_fn(a).backward()
+    assert a[0].weight.grad is None and a[2].weight.grad is None and a[4].weight.grad is not None
+    assert all(p.requires_grad for p in a.parameters())
+    loss_fn(b).backward()
+    oa.first_step(zero_grad=True)
+    ob.first_step(zero_grad=True)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    for model, opt in ((a, oa), (b, ob)):
+        loss_fn(model).backward()
+        opt.second_step(zero_grad=True)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)

@@ -8,8 +8,9 @@ the exact saved weights and lets the base optimizer step with that gradient.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -289,7 +290,8 @@ class SAM(torch.optim.Optimizer):
             )
         closure = torch.enable_grad()(closure)
         rng = _rng_state() if self.same_randomness else None
-        loss = closure()
+        with self.ascent_pass():
+            loss = closure()
         self.first_step(zero_grad=True)
         if rng is not None:
             _set_rng_state(rng)
@@ -300,6 +302,31 @@ class SAM(torch.optim.Optimizer):
             raise
         self.second_step()
         return loss
+
+    @contextlib.contextmanager
+    def ascent_pass(self) -> Iterator[None]:
+        """Run the ascent forward/backward inside this block: parameters that are not
+        perturbed (other layers of last-layer SAM, SAM-ON's weights, groups with ``rho = 0``)
+        stop requiring gradients, so autograd skips their weight gradients and, for
+        last-layer SAM, the whole backward below the readout (Remark 3).  ``step(closure)``
+        uses it automatically.  Not for DDP-wrapped models (DDP expects every gradient)."""
+        frozen = [
+            p
+            for g in self.param_groups
+            if not g.get("perturb", True) or g["rho"] == 0
+            for p in g["params"]
+            if p.requires_grad
+        ]
+        trainable = sum(p.requires_grad for g in self.param_groups for p in g["params"])
+        if len(frozen) == trainable:  # nothing perturbed: keep the closure's backward valid
+            frozen = []
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
 
     # ------------------------------------------------------------------ state
 
@@ -328,14 +355,17 @@ def _foreach_by_device(tensors: list[torch.Tensor], fn: Callable) -> None:
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """All finite, on every worker: under torch.distributed the flag is all-reduced, so that
+    workers whose ascent passes differed (local perturbations) still agree to skip."""
     flags = []
     _foreach_by_device(
         tensors,
-        lambda ts, dev: flags.append(
-            torch.isfinite(torch.stack(torch._foreach_norm(ts))).all().cpu()
-        ),
+        lambda ts, dev: flags.append(torch.isfinite(torch.stack(torch._foreach_norm(ts))).all()),
     )
-    return bool(torch.stack(flags).all())
+    ok = torch.stack([f.to(tensors[0].device) for f in flags]).all().to(torch.int32).reshape(1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())
 
 
 def _rng_state() -> tuple:

@@ -1,0 +1,226 @@
+"""Time per training step, measured side by side in one run (CPU or CUDA).
+
+Methods: plain SGD; mupp SAM (μP², rules LP and DP); mupp last-layer SAM (its ascent pass
+skips the backward below the readout, Remark 3); plain SAM written the common way (Python
+loop over parameters, a stored copy); pytorch-optimizer's SAM when installed.  Models: the
+CIFAR MLP (batch 64) at several widths and a small ResNet.  Ratios are taken against SGD and
+against the common SAM of the same run.  Memory: persistent optimizer state of each SAM
+implementation in units of the parameters' size.
+
+    python benchmarks/sam_step.py [--widths 256,1024,4096] [--steps 10] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import mupp
+from mupp.models import MLP, ResNet8
+
+
+class CommonSAM:
+    """SAM as the popular snippets write it (for comparison only)."""
+
+    def __init__(self, params, rho):
+        self.params = [p for p in params if p.requires_grad]
+        self.base = torch.optim.SGD(self.params, lr=0.01, momentum=0.9)
+        self.rho = rho
+        self.old = {}
+
+    def step(self, closure):
+        loss = closure()
+        with torch.no_grad():
+            norm = torch.norm(
+                torch.stack([p.grad.norm(2) for p in self.params if p.grad is not None]), 2
+            )
+            for p in self.params:
+                if p.grad is None:
+                    continue
+                self.old[p] = p.data.clone()
+                p.add_(p.grad * (self.rho / (norm + 1e-12)))
+        self.base.zero_grad()
+        closure()
+        with torch.no_grad():
+            for p in self.params:
+                if p in self.old:
+                    p.data = self.old[p]
+        self.base.step()
+        self.base.zero_grad()
+        return loss
+
+
+def make_step(method: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    if method == "sgd":
+        opt = mupp.MuSGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            closure()
+            opt.step()
+            opt.zero_grad()
+
+        return step, opt
+    if method.startswith("mupp"):
+        kw = {
+            "mupp-LP": {},
+            "mupp-DP": {"rule": "DP"},
+            "mupp-last-layer": {"variant": "last-layer"},
+        }[method]
+        opt = mupp.SAM(
+            model.parameters(),
+            torch.optim.SGD,
+            lr=0.01,
+            rho=0.05,
+            momentum=0.9,
+            nonfinite="ignore",
+            **kw,
+        )
+
+        def step():
+            opt.step(closure)
+            opt.zero_grad()
+
+        return step, opt
+    if method == "common-sam":
+        opt = CommonSAM(model.parameters(), 0.05)
+        return (lambda: opt.step(closure)), opt
+    if method == "pytorch-optimizer-sam":
+        from pytorch_optimizer import SAM as PSAM
+
+        opt = PSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.01, momentum=0.9)
+
+        def step():
+            opt.step(closure)
+            opt.zero_grad()
+
+        return step, opt
+    raise ValueError(method)
+
+
+def state_bytes(opt) -> int:
+    """Bytes of parameter-shaped SAM state (saved weights), excluding the base optimizer's."""
+    if isinstance(opt, CommonSAM):
+        return sum(t.numel() * t.element_size() for t in opt.old.values())
+    if isinstance(opt, torch.optim.SGD):
+        return 0
+    total = 0
+    for st in opt.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v) and k in ("w_saved", "old_p"):
+                total += v.numel() * v.element_size()
+    return total
+
+
+def bench(models: dict, methods: list[str], steps: int, repeats: int, device: str) -> dict:
+    times: dict[str, dict[str, float]] = {m: {} for m in methods}
+    mem: dict[str, dict[str, float]] = {m: {} for m in methods}
+    for name, make in models.items():
+        torch.manual_seed(0)
+        x_shape = (64, 3072) if name.startswith("mlp") else (64, 3, 32, 32)
+        x = torch.randn(*x_shape, device=device)
+        y = torch.randint(0, 10, (64,), device=device)
+        runners = {}
+        for m in methods:
+            model = make().to(device)
+            runners[m] = (model, *make_step(m, model, x, y))
+        samples: dict[str, list[float]] = {m: [] for m in methods}
+        for m in methods:  # warm-up
+            for _ in range(2):
+                runners[m][1]()
+        for _ in range(repeats):  # interleaved, so drift hits every method alike
+            for m in methods:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    runners[m][1]()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                samples[m].append((time.perf_counter() - t0) / steps)
+        for m in methods:
+            times[m][name] = statistics.median(samples[m])
+            model, _, opt = runners[m]
+            pbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            mem[m][name] = state_bytes(opt) / pbytes
+        print(
+            f"{name}: " + ", ".join(f"{m} {times[m][name] * 1e3:.1f} ms" for m in methods),
+            flush=True,
+        )
+    return {"times": times, "state_over_params": mem}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--widths", default="256,1024,4096")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    widths = [int(w) for w in args.widths.split(",")]
+    models = {f"mlp-{w}": (lambda w=w: MLP(w, base_width=64)) for w in widths}
+    models["resnet8-0.5"] = lambda: ResNet8(0.5, 0.125)
+    methods = ["sgd", "mupp-LP", "mupp-DP", "mupp-last-layer", "common-sam"]
+    try:
+        import pytorch_optimizer  # noqa: F401
+
+        methods.append("pytorch-optimizer-sam")
+    except ImportError:
+        print("pytorch-optimizer not installed: its column is left out")
+    res = bench(models, methods, args.steps, args.repeats, args.device)
+    t = res["times"]
+    names = list(models)
+    out = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "widths": widths,
+        "models": names,
+        "t_sgd": t["sgd"],
+        "t_mupp": t["mupp-LP"],
+        "t_mupp_dp": t["mupp-DP"],
+        "t_mupp_last_layer": t["mupp-last-layer"],
+        "t_common_sam": t["common-sam"],
+        "ratio_mupp_over_sgd": {n: t["mupp-LP"][n] / t["sgd"][n] for n in names},
+        "ratio_mupp_dp_over_sgd": {n: t["mupp-DP"][n] / t["sgd"][n] for n in names},
+        "ratio_last_layer_over_sgd": {n: t["mupp-last-layer"][n] / t["sgd"][n] for n in names},
+        "ratio_mupp_over_common_sam": {n: t["mupp-LP"][n] / t["common-sam"][n] for n in names},
+        "state_over_params": res["state_over_params"],
+    }
+    if "pytorch-optimizer-sam" in t:
+        out["t_peer"] = t["pytorch-optimizer-sam"]
+        out["ratio_mupp_over_peer"] = {
+            n: t["mupp-LP"][n] / t["pytorch-optimizer-sam"][n] for n in names
+        }
+    print()
+    print(
+        f"{'model':<14}{'mupp/SGD':>10}{'DP/SGD':>10}{'LL/SGD':>10}{'mupp/common':>13}{'mupp/peer':>11}"
+    )
+    for n in names:
+        peer = out.get("ratio_mupp_over_peer", {}).get(n, float("nan"))
+        print(
+            f"{n:<14}{out['ratio_mupp_over_sgd'][n]:>10.2f}{out['ratio_mupp_dp_over_sgd'][n]:>10.2f}"
+            f"{out['ratio_last_layer_over_sgd'][n]:>10.2f}{out['ratio_mupp_over_common_sam'][n]:>13.2f}{peer:>11.2f}"
+        )
+    print(
+        "persistent SAM state / parameter size:",
+        {m: round(v[names[0]], 2) for m, v in res["state_over_params"].items()},
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Grid sweeps on Optuna storage (``mupp sweep``): SQLite, any SQLAlchemy URL, or a journal file.
+
+How a sweep stays exact:
+
+- the study is created with a :class:`optuna.samplers.GridSampler` over the grid, and every
+  grid point that has no finished result is *enqueued* once by :func:`prepare` (run before any
+  worker starts, and again on resume);
+- workers only pop enqueued trials (atomically, in the storage), so two workers never run the
+  same point; a popped trial sends heartbeats while it trains;
+- a worker killed mid-trial leaves a RUNNING trial whose heartbeat stops; :func:`prepare` on
+  resume marks it failed (Optuna's ``fail_stale_trials``) and enqueues its point again, and the
+  run itself resumes from its last epoch checkpoint;
+- finished results are COMPLETE trials with the whole result record in their user attributes:
+  never lost, never duplicated.  Diverged runs are COMPLETE with ``diverged = True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import multiprocessing as mp
+import os
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+HEARTBEAT_INTERVAL = 2
+GRACE_PERIOD = 8
+STUDY_NAME = "mupp-sweep"
+
+
+def storage_url(out_dir: str | os.PathLike, storage: str | None = None) -> str:
+    """Default: an SQLite file in the output directory."""
+    if storage:
+        return storage
+    return f"sqlite:///{Path(out_dir).resolve() / 'sweep.db'}"
+
+
+def make_storage(url: str):
+    """Optuna storage with heartbeats: ``journal:PATH`` for a journal file, else an RDB URL."""
+    import optuna
+
+    if url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(url[len("journal:") :]))
+    return optuna.storages.RDBStorage(
+        url,
+        heartbeat_interval=HEARTBEAT_INTERVAL,
+        grace_period=GRACE_PERIOD,
+        engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
+    )
+
+
+def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """All combinations, in a stable order."""
+    for k, v in grid.items():
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ValueError(f"grid[{k!r}] must be a non-empty list; got {v!r}")
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def point_key(params: Mapping[str, Any]) -> str:
+    return hashlib.sha1(
+        json.dumps(dict(sorted(params.items())), sort_keys=True).encode()
+    ).hexdigest()[:16]
+
+
+def _study(url: str, grid: Mapping[str, Sequence[Any]] | None, create: bool, storage=None):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    storage = storage if storage is not None else make_storage(url)
+    sampler = optuna.samplers.GridSampler(dict(grid), seed=0) if grid else None
+    if create:
+        return optuna.create_study(
+            study_name=STUDY_NAME,
+            storage=storage,
+            sampler=sampler,
+            direction="maximize",
+            load_if_exists=True,
+        )
+    return optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
+
+
+def prepare(
+    url: str,
+    grid: Mapping[str, Sequence[Any]],
+    base_config: Mapping[str, Any],
+    reclaim_running: bool = False,
+) -> dict[str, int]:
+    """Create or load the study, fail stale trials, enqueue every grid point without a result.
+
+    Stale trials are found by heartbeat (RDB storages).  ``reclaim_running`` fails every RUNNING
+    trial: use it on resume when no other worker is alive, and with journal storage, which
+    has no heartbeat.
+
+    Returns counts: ``done``, ``running``, ``enqueued`` (newly), ``waiting`` (total).
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    study = _study(url, grid, create=True)
+    stored = study.user_attrs.get("base_config")
+    if stored is None:
+        study.set_user_attr("base_config", dict(base_config))
+        study.set_user_attr("grid", {k: list(v) for k, v in grid.items()})
+    elif stored != dict(base_config) or study.user_attrs.get("grid") != {
+        k: list(v) for k, v in grid.items()
+    }:
+        raise ValueError(
+            "this output directory/storage holds a sweep with a different configuration or grid"
+        )
+    optuna.storages.fail_stale_trials(study)
+    if reclaim_running:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            try:
+                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile
+                pass
+    done, live = set(), set()
+    for t in study.get_trials(deepcopy=False):
+        key = t.user_attrs.get("point") or t.system_attrs.get("point")
+        if key is None and "fixed_params" in t.system_attrs:
+            key = point_key(t.system_attrs["fixed_params"])
+        if t.state == TrialState.COMPLETE:
+            done.add(key)
+        elif t.state in (TrialState.RUNNING, TrialState.WAITING):
+            live.add(key)
+    enqueued = 0
+    for params in grid_points(grid):
+        key = point_key(params)
+        if key not in done and key not in live:
+            study.enqueue_trial(params, user_attrs={"point": key})
+            enqueued += 1
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    return {"done": len(done), "running": running, "enqueued": enqueued, "waiting": waiting}
+
+
+def _heartbeat(storage, trial_id: int, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_INTERVAL):
+        try:
+            storage.record_heartbeat(trial_id)
+        except Exception:  # pragma: no cover - storage hiccup; the next beat retries
+            pass
+
+
+def worker(url: str, out_dir: str, progress: bool = False, max_trials: int | None = None) -> int:
+    """Pop enqueued trials until none is left; returns how many this worker finished."""
+    from optuna.trial import TrialState
+
+    from .train import train
+
+    storage = make_storage(url)  # the raw storage: heartbeats go to it directly
+    study = _study(url, None, create=False, storage=storage)
+    base = dict(study.user_attrs["base_config"])
+    grid = study.user_attrs["grid"]
+    finished = 0
+    while max_trials is None or finished < max_trials:
+        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            break
+        with warnings.catch_warnings():  # we send the heartbeats ourselves, below
+            warnings.simplefilter("ignore", UserWarning)
+            trial = study.ask()
+        fixed = storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
+        if fixed is None:
+            # another worker took the last queued point between our check and ask()
+            study.tell(trial, state=TrialState.PRUNED)
+            break
+        params = dict(fixed)
+        for k in params:
+            trial.suggest_categorical(k, grid[k])  # returns the enqueued value
+        key = point_key(params)
+        trial.set_user_attr("point", key)
+        stop = threading.Event()
+        beat = None
+        if hasattr(storage, "record_heartbeat") and getattr(storage, "heartbeat_interval", None):
+            storage.record_heartbeat(trial._trial_id)
+            beat = threading.Thread(
+                target=_heartbeat, args=(storage, trial._trial_id, stop), daemon=True
+            )
+            beat.start()
+        try:
+            cfg = dict(base)
+            cfg.update(params)
+            result = train(
+                cfg, Path(out_dir) / "runs" / key, resume=True, progress=progress, log=None
+            )
+        except BaseException:
+            stop.set()
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        stop.set()
+        if beat is not None:
+            beat.join()
+        trial.set_user_attr("result", result)
+        trial.set_user_attr("diverged", result["diverged"])
+        study.tell(trial, result["best_test_acc"])
+        finished += 1
+    return finished
+
+
+def _worker_entry(url: str, out_dir: str, threads: int) -> None:
+    import torch
+
+    warnings.filterwarnings("ignore", module="optuna")
+    torch.set_num_threads(threads)
+    worker(url, out_dir)
+
+
+def run_sweep(
+    grid: Mapping[str, Sequence[Any]],
+    base_config: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    storage: str | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    reclaim_running: bool = False,
+) -> list[dict[str, Any]]:
+    """Prepare the study, run ``workers`` local processes to completion, return the results."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    url = storage_url(out_dir, storage)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1; got {workers}")
+    counts = prepare(url, grid, base_config, reclaim_running)
+    total = counts["done"] + counts["waiting"] + counts["running"]
+    print(
+        f"sweep: {total} grid points, {counts['done']} done, {counts['waiting']} queued "
+        f"({counts['enqueued']} newly), {counts['running']} running elsewhere; storage {url}"
+    )
+    if workers == 1:
+        _run_with_progress(url, str(out_dir), total, counts["done"], progress, None)
+    else:
+        ctx = mp.get_context("spawn")
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        procs = [
+            ctx.Process(target=_worker_entry, args=(url, str(out_dir), threads))
+            for _ in range(workers)
+        ]
+        for p in procs:
+            p.start()
+        _run_with_progress(url, str(out_dir), total, counts["done"], progress, procs)
+        for p in procs:
+            p.join()
+        bad = [p.exitcode for p in procs if p.exitcode != 0]
+        if bad:
+            raise RuntimeError(
+                f"{len(bad)} sweep worker(s) failed (exit codes {bad}); rerun to resume"
+            )
+    return load_results(url)
+
+
+def _run_with_progress(
+    url: str, out_dir: str, total: int, done: int, progress: bool, procs
+) -> None:
+    import time
+
+    from optuna.trial import TrialState
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=done, desc="sweep", unit="run")
+    study = _study(url, None, create=False)
+
+    def count() -> int:
+        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    if procs is None:
+        while True:
+            n = worker(url, out_dir, max_trials=1)
+            if bar is not None:
+                bar.n = count()
+                bar.refresh()
+            if n == 0:
+                break
+    else:
+        while any(p.is_alive() for p in procs):
+            time.sleep(1.0)
+            if bar is not None:
+                bar.n = count()
+                bar.refresh()
+    if bar is not None:
+        bar.n = count()
+        bar.close()
+
+
+def load_results(url: str) -> list[dict[str, Any]]:
+    """One record per finished grid point: ``params`` and the training ``result``."""
+    from optuna.trial import TrialState
+
+    study = _study(url, None, create=False)
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if "result" in t.user_attrs:
+            out.append(
+                {
+                    "params": dict(t.params),
+                    "point": t.user_attrs.get("point"),
+                    "result": t.user_attrs["result"],
+                }
+            )
+    return out

@@ -1,0 +1,356 @@
+"""One training run (``mupp train``): SAM or its base optimizer on CIFAR/synthetic data.
+
+Deterministic per seed: the data order of epoch ``e`` comes from a generator seeded with
+``(seed, e)``, and each epoch's checkpoint stores model, optimizer, scheduler, history and the
+global RNG state, so ``resume=True`` continues exactly where a killed run stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import data as data_mod
+from . import distributed
+from .models import MODELS, build
+from .optim import SAM, mup_param_groups
+from .optim.groups import PARAMETERIZATIONS
+from .optim.perturbation import RULES, VARIANTS
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run.  ``rho = 0`` trains with the base optimizer alone."""
+
+    model: str = "mlp"
+    width: float = 256
+    base_width: float | None = 64
+    model_kwargs: dict = field(default_factory=dict)
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    parameterization: str = "mupp"
+    variant: str = "sam"
+    rule: str = "LP"
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    rho: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    augment: bool = False
+    batch_size: int = 64
+    epochs: int = 20
+    seed: int = 0
+    device: str = "cpu"
+    perturbation_sync: str = "sync"  # under torchrun: "sync" (global ε) or "local" (per worker)
+
+    def validate(self) -> TrainConfig:
+        checks = {
+            "model": (self.model, MODELS),
+            "dataset": (self.dataset, data_mod.DATASETS),
+            "parameterization": (self.parameterization, PARAMETERIZATIONS),
+            "variant": (self.variant, VARIANTS),
+            "rule": (self.rule, RULES),
+            "optimizer": (self.optimizer, OPTIMIZERS),
+            "schedule": (self.schedule, SCHEDULES),
+            "perturbation_sync": (self.perturbation_sync, distributed.MODES),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+        for name in ("lr", "rho", "momentum", "weight_decay", "label_smoothing", "warmup_epochs"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a non-negative finite number; got {v!r}")
+        for name in ("batch_size", "epochs"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)!r}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; known: {sorted(names)}")
+        return cls(**dict(d)).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a TOML or YAML config file into a dict."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    import tomllib
+
+    return tomllib.loads(text)
+
+
+def _make_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    kw = dict(cfg.model_kwargs)
+    if cfg.model == "mlp":
+        kw.setdefault("d_out", num_classes)
+    else:
+        kw.setdefault("num_classes", num_classes)
+    return build(cfg.model, cfg.width, cfg.base_width, **kw)
+
+
+def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    base = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.AdamW
+    kw: dict[str, Any] = {"weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "sgd":
+        kw.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.rho > 0:
+        return SAM(
+            model.parameters(),
+            base,
+            lr=cfg.lr,
+            rho=cfg.rho,
+            parameterization=cfg.parameterization,
+            rule=cfg.rule,
+            variant=cfg.variant,
+            **kw,
+        )
+    kind = "sgd" if cfg.optimizer == "sgd" else "adam"
+    par = "sp" if cfg.parameterization == "sp" else "mupp"
+    groups = mup_param_groups(model.parameters(), cfg.lr, kind, par, kw.pop("weight_decay"))
+    return base(groups, lr=cfg.lr, **kw)
+
+
+def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    total = cfg.epochs * steps_per_epoch
+    warm = cfg.warmup_epochs * steps_per_epoch
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "cosine":
+            prog = (step - warm) / max(1.0, total - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+        return 1.0
+
+    return f
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, split: data_mod.Split, cfg: TrainConfig, name: str, flatten: bool
+) -> tuple[float, float, torch.Tensor]:
+    """(accuracy, mean loss, per-example correctness) on a split."""
+    model.eval()
+    correct, total_loss = [], 0.0
+    for x, y in data_mod.batches(
+        split, 500, shuffle=False, name=name, flatten=flatten, device=cfg.device
+    ):
+        out = model(x)
+        total_loss += F.cross_entropy(out, y, reduction="sum").item()
+        correct.append((out.argmax(1) == y).cpu())
+    model.train()
+    c = torch.cat(correct)
+    return c.float().mean().item(), total_loss / len(c), c
+
+
+def _subset(split: data_mod.Split, n: int | None) -> data_mod.Split:
+    return split if n is None or n >= len(split) else data_mod.Split(split.x[:n], split.y[:n])
+
+
+def train(
+    config: TrainConfig | Mapping[str, Any],
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    dataset: data_mod.Dataset | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Train one configuration; returns the result record (also written to ``result.json``).
+
+    The record has per-epoch ``history`` (train/test accuracy and loss), ``best_test_acc``,
+    ``final_test_acc``, ``test_acc_exact`` (first 1000 exact CIFAR-10 test images, at the
+    best epoch, when known), ``wall_time`` and ``diverged`` (non-finite loss, or test accuracy
+    at chance after the first epoch).
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    cfg.validate()
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    ds = dataset if dataset is not None else data_mod.load(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+    train_split, test_split = _subset(ds.train, cfg.train_subset), _subset(ds.test, cfg.test_subset)
+    flatten = cfg.model == "mlp"
+    rank, world_size = distributed.init_from_env(cfg.device)
+    if cfg.batch_size % world_size:
+        raise ValueError(
+            f"batch_size ({cfg.batch_size}) must be divisible by the number of workers ({world_size})"
+        )
+    if rank != 0:
+        out, progress, log = None, False, None  # rank 0 logs and checkpoints
+    torch.manual_seed(cfg.seed)
+    model = _make_model(cfg, ds.num_classes).to(cfg.device)
+    opt = _make_optimizer(cfg, model)
+    net = model
+    if world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    steps_per_epoch = len(train_split) // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} exceeds the training set ({len(train_split)} images)"
+        )
+    # SAM steps its base optimizer (they share param groups): the scheduler follows that one
+    sched_opt = opt.base_optimizer if isinstance(opt, SAM) else opt
+    sched = torch.optim.lr_scheduler.LambdaLR(sched_opt, _lr_lambda(cfg, steps_per_epoch))
+    history: list[dict[str, float]] = []
+    start_epoch, elapsed = 0, 0.0
+    ckpt = Path(out_dir) / "checkpoint.pt" if out_dir is not None else None
+    if resume and ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["config"] != cfg.to_dict():
+            raise ValueError(
+                f"{ckpt} belongs to a different configuration; use another output directory"
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        history, start_epoch, elapsed = state["history"], state["epoch"] + 1, state["elapsed"]
+    diverged = bool(history and history[-1].get("diverged"))
+    use_sam = isinstance(opt, SAM)
+    exact_mask = ds.test_exact[: len(test_split)] if ds.test_exact is not None else None
+    bar = None
+    for epoch in range(start_epoch, cfg.epochs):
+        if diverged:
+            break
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        it = data_mod.batches(
+            train_split,
+            cfg.batch_size,
+            shuffle=True,
+            generator=gen,
+            name=ds.name,
+            augment_data=cfg.augment,
+            flatten=flatten,
+            drop_last=True,
+            device=cfg.device,
+        )
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                it, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False
+            )
+            it = bar
+        loss_sum = torch.zeros(())
+        correct = torch.zeros((), dtype=torch.long)
+        seen = 0
+        for x, y in it:
+            if world_size > 1:  # every worker sees the same global batch order; take a shard
+                x, y = x[rank::world_size], y[rank::world_size]
+            kept = {}
+
+            def loss_fn(x=x, y=y, kept=kept):
+                logits = net(x)
+                kept.setdefault("logits", logits.detach())
+                return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+
+            if use_sam:
+                loss = distributed.sam_passes(net, opt, loss_fn, cfg.perturbation_sync)
+            else:
+                loss = loss_fn()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            out_logits = kept["logits"]
+            sched.step()
+            loss_sum += loss.detach().cpu() * len(y)
+            correct += (out_logits.argmax(1) == y).sum().cpu()
+            seen += len(y)
+        if world_size > 1:
+            stats = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen))]).double()
+            torch.distributed.all_reduce(stats)
+            loss_sum, correct, seen = stats[0], stats[1].long(), int(stats[2].item())
+        train_loss = (loss_sum / max(seen, 1)).item()
+        test_acc, test_loss, per_example = evaluate(model, test_split, cfg, ds.name, flatten)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_acc": correct.item() / max(seen, 1),
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+        }
+        if exact_mask is not None and exact_mask.any():
+            record["test_acc_exact"] = per_example[exact_mask].float().mean().item()
+        chance = 1.0 / ds.num_classes
+        if (
+            not (math.isfinite(train_loss) and math.isfinite(test_loss))
+            or test_acc <= chance + 0.01
+        ):
+            record["diverged"] = True
+            diverged = True
+        history.append(record)
+        elapsed += time.perf_counter() - t0
+        if ckpt is not None and out is not None:
+            state = {
+                "config": cfg.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": torch.get_rng_state(),
+                "history": history,
+                "epoch": epoch,
+                "elapsed": elapsed,
+            }
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, ckpt)
+        if log is not None:
+            log(
+                f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f} acc {record['train_acc']:.4f}"
+                f" | test loss {test_loss:.4f} acc {test_acc:.4f}"
+                + (" | diverged" if diverged else "")
+            )
+    if bar is not None:
+        bar.close()
+    result = summarize(cfg, history, elapsed)
+    if out is not None:
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def summarize(cfg: TrainConfig, history: list[dict[str, float]], elapsed: float) -> dict[str, Any]:
+    finite = [h for h in history if math.isfinite(h["test_acc"])]
+    best = max(finite, key=lambda h: h["test_acc"]) if finite else None
+    return {
+        "config": cfg.to_dict(),
+        "history": history,
+        "best_test_acc": best["test_acc"] if best else 0.0,
+        "best_epoch": best["epoch"] if best else 0,
+        "test_acc_exact": best.get("test_acc_exact") if best else None,
+        "final_test_acc": history[-1]["test_acc"] if history else 0.0,
+        "diverged": any(h.get("diverged") for h in history),
+        "wall_time": elapsed,
+    }

@@ -1,0 +1,165 @@
+"""SAM under DistributedDataParallel with gloo, 2 processes on CPU."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp
+import torch.nn.functional as F
+from conftest import prepared_mlp
+
+import mupp
+from mupp.distributed import sam_passes
+
+STEPS = 4
+RHO, LR = 0.1, 0.05
+
+
+def data(step, rank=None):
+    g = torch.Generator().manual_seed(100 + step)
+    x, y = torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)
+    if rank is None:
+        return x, y
+    return x[rank * 8 : (rank + 1) * 8], y[rank * 8 : (rank + 1) * 8]
+
+
+def _worker(rank, world, init_file, out_file, mode, parameterization):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = prepared_mlp(32, 8)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = mupp.SAM(
+        model.parameters(),
+        torch.optim.SGD,
+        lr=LR,
+        rho=RHO,
+        parameterization=parameterization,
+        momentum=0.9,
+    )
+    for step in range(STEPS):
+        x, y = data(step, rank)
+        sam_passes(ddp, opt, lambda x=x, y=y: F.cross_entropy(ddp(x), y), mode)
+    if rank == 0:
+        torch.save([p.detach() for p in model.parameters()], out_file)
+    dist.destroy_process_group()
+
+
+def run_ddp(tmp_path, mode, parameterization="mupp"):
+    out = tmp_path / f"{mode}.pt"
+    tmp.spawn(
+        _worker,
+        args=(2, str(tmp_path / f"init_{mode}"), str(out), mode, parameterization),
+        nprocs=2,
+    )
+    return torch.load(out)
+
+
+@pytest.fixture
+def model0():
+    torch.manual_seed(0)
+    return prepared_mlp(32, 8)
+
+
+def test_sync_equals_single_process_on_the_concatenated_batch(tmp_path, model0):
+    got = run_ddp(tmp_path, "sync")
+    model = model0
+    opt = mupp.SAM(model.parameters(), torch.optim.SGD, lr=LR, rho=RHO, momentum=0.9)
+    for step in range(STEPS):
+        x, y = data(step)
+        sam_passes(model, opt, lambda x=x, y=y: F.cross_entropy(model(x), y))
+    for a, b in zip(got, model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_local_equals_per_worker_perturbations_by_hand(tmp_path, model0):
+    got = run_ddp(tmp_path, "local", parameterization="sp")
+    model = model0
+    params = list(model.parameters())
+    base = torch.optim.SGD(params, lr=LR, momentum=0.9)
+    for step in range(STEPS):
+        descent = [torch.zeros_like(p) for p in params]
+        for rank in range(2):
+            x, y = data(step, rank)
+            w = [p.detach().clone() for p in params]
+            grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+            norm = torch.sqrt(sum((g**2).sum() for g in grads))
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.add_(RHO * g / (norm + 1e-12))  # this worker's own ε
+            g2 = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+            with torch.no_grad():
+                for p, w0, d, g in zip(params, w, descent, g2):
+                    p.copy_(w0)
+                    d += g / 2  # DDP averages the descent gradient
+        for p, d in zip(params, descent):
+            p.grad = d
+        base.step()
+    for a, b in zip(got, params):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
+    sync = run_ddp(tmp_path, "sync", parameterization="sp")
+    assert any(not torch.allclose(a, b) for a, b in zip(got, sync))  # the modes differ
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sam_passes(torch.nn.Linear(2, 2), None, lambda: None, "global")
+
+
+def test_metadata_survives_ddp_wrapping(tmp_path):
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'init1'}", rank=0, world_size=1
+    )
+    try:
+        model = prepared_mlp(32, 8)
+        ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(model))
+        mupp.reattach(ddp)
+        assert [r["role"] for r in mupp.describe(ddp)] == ["input", "hidden", "output"]
+        assert [r["name"] for r in mupp.describe(ddp)] == ["0.weight", "2.weight", "4.weight"]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mupp_train_under_torchrun(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "mupp",
+    ]
+    cmd += [
+        "train",
+        "--dataset",
+        "synthetic",
+        "--width",
+        "32",
+        "--base-width",
+        "32",
+        "--epochs",
+        "2",
+    ]
+    cmd += [
+        "--set",
+        "train_subset=512",
+        "--set",
+        'perturbation_sync="local"',
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("best test acc") == 1  # rank 0 reports
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert len(result["history"]) == 2 and result["config"]["perturbation_sync"] == "local"

@@ -1,0 +1,149 @@
+"""Sweeps on Optuna storage: exactly-once with two workers, SIGKILL + resume, analysis, plots."""
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+
+from mupp import sweep
+from mupp.analysis import plot_sweep, rows_from_records, transfer_summary
+from mupp.cli import main
+
+BASE = dict(dataset="synthetic", base_width=32, epochs=1, batch_size=64, model="mlp")
+
+
+def completed(url):
+    from optuna.trial import TrialState
+
+    study = sweep._study(url, None, create=False)
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), study
+
+
+def test_two_workers_finish_a_grid_exactly_once(tmp_path):
+    grid = {"lr": [0.05, 0.1], "rho": [0.0, 0.1], "width": [32, 64]}
+    results = sweep.run_sweep(grid, BASE, tmp_path, workers=2, progress=False)
+    assert len(results) == 8
+    points = [r["point"] for r in results]
+    assert len(set(points)) == 8
+    assert {tuple(sorted(r["params"].items())) for r in results} == {
+        tuple(sorted(p.items())) for p in sweep.grid_points(grid)
+    }
+    # running again finds nothing to do and duplicates nothing
+    again = sweep.run_sweep(grid, BASE, tmp_path, workers=2, progress=False)
+    assert len(again) == 8
+    with pytest.raises(ValueError, match="different configuration or grid"):
+        sweep.run_sweep({"lr": [0.3]}, BASE, tmp_path, progress=False)
+
+
+def _slow_worker(url, out_dir):
+    sweep.worker(url, out_dir)
+
+
+def test_sigkill_mid_trial_then_resume_loses_and_duplicates_nothing(tmp_path):
+    grid = {"lr": [0.05, 0.1], "width": [256], "rho": [0.1]}
+    base = dict(BASE, epochs=40)
+    url = sweep.storage_url(tmp_path)
+    sweep.prepare(url, grid, base)
+    proc = mp.get_context("spawn").Process(target=_slow_worker, args=(url, str(tmp_path)))
+    proc.start()
+    from optuna.trial import TrialState
+
+    study = sweep._study(url, None, create=False)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) and any(
+            (tmp_path / "runs").glob("*/checkpoint.pt")
+        ):
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    assert study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    time.sleep(sweep.GRACE_PERIOD + 2)  # heartbeat goes stale
+    counts = sweep.prepare(url, grid, base)
+    assert counts["running"] == 0 and counts["enqueued"] >= 1
+    # finish with short runs: same grid points, fewer epochs is a different config -> refuse
+    with pytest.raises(ValueError, match="different configuration"):
+        sweep.prepare(url, grid, dict(base, epochs=1))
+    results = sweep.run_sweep(grid, base, tmp_path, workers=1, progress=False)
+    assert len(results) == 2 and len({r["point"] for r in results}) == 2
+    fails = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    assert len(fails) == 1
+    # the killed run resumed from its checkpoint instead of starting over
+    killed_point = fails[0].user_attrs["point"]
+    resumed = next(r for r in results if r["point"] == killed_point)
+    assert len(resumed["result"]["history"]) == 40
+
+
+def record(par, width, lr, rho, acc, diverged=False, seed=0):
+    cfg = dict(parameterization=par, width=width, lr=lr, rho=rho, seed=seed)
+    return {"params": {}, "result": {"config": cfg, "best_test_acc": acc, "diverged": diverged}}
+
+
+def test_transfer_summary_on_a_hand_made_table():
+    recs = []
+    accs_small = {(0.1, 0.0): 0.50, (0.1, 0.1): 0.55, (0.2, 0.0): 0.52, (0.2, 0.1): 0.53}
+    accs_large = {(0.1, 0.0): 0.60, (0.1, 0.1): 0.62, (0.2, 0.0): 0.61, (0.2, 0.1): 0.66}
+    for (lr, rho), a in accs_small.items():
+        recs.append(record("mupp", 64, lr, rho, a))
+    for (lr, rho), a in accs_large.items():
+        recs.append(record("mupp", 1024, lr, rho, a))
+    recs.append(record("mupp", 1024, 0.2, 0.1, 0.64, seed=1))  # averaged with 0.66 -> 0.65
+    s = transfer_summary(rows_from_records(recs))["parameterizations"]["mupp"]
+    assert s["optimum"][64] == {
+        "lr": 0.1,
+        "rho": 0.1,
+        "acc": 0.55,
+        "sgd_acc": 0.52,
+        "sam_gain": pytest.approx(0.03),
+    }
+    assert s["optimum"][1024]["lr"] == 0.2 and s["optimum"][1024]["acc"] == pytest.approx(0.65)
+    assert s["shift_lr_steps"] == 1 and s["shift_rho_steps"] == 0
+    assert s["transfer_acc"] == 0.62 and s["transfer_regret"] == pytest.approx(0.03)
+    assert s["optimum"][1024]["sam_gain"] == pytest.approx(0.65 - 0.61)
+
+
+def test_plots_are_written(tmp_path):
+    recs = [
+        record(p, w, lr, rho, 0.3 + 0.1 * lr + rho, diverged=(lr == 0.4))
+        for p in ("mupp", "mup-global")
+        for w in (64, 256)
+        for lr in (0.1, 0.2, 0.4)
+        for rho in (0.0, 0.05, 0.1)
+    ]
+    paths = plot_sweep(rows_from_records(recs), str(tmp_path / "s"))
+    assert len(paths) == 4
+    for p in paths:
+        assert os.path.getsize(p) > 5_000
+
+
+def test_sweep_plot_transfer_cli(tmp_path, capsys):
+    out = str(tmp_path)
+    argv = ["sweep", "--grid", "lr=0.05,0.1", "--grid", "rho=0.0,0.1", "--grid", "width=32,64"]
+    argv += [
+        "--set",
+        'dataset="synthetic"',
+        "--set",
+        "base_width=32",
+        "--set",
+        "epochs=1",
+        "--out",
+        out,
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    assert main(["plot", "--out", out]) == 0
+    assert main(["transfer", "--out", out, "--json", str(tmp_path / "t.json")]) == 0
+    text = capsys.readouterr().out
+    assert "transfer regret" in text and (tmp_path / "sweep_heatmaps.png").exists()
+    assert main(["sweep", "--preset", "nope"]) == 2
+    assert main(["sweep", "--grid", "lr=0.1", "--set", "lerning_rate=1", "--out", out]) == 2
+
+
+def test_journal_storage(tmp_path):
+    grid = {"lr": [0.05], "rho": [0.0, 0.1], "width": [32]}
+    url = f"journal:{tmp_path / 'journal.log'}"
+    res = sweep.run_sweep(grid, BASE, tmp_path, storage=url, progress=False)
+    assert len(res) == 2

@@ -1,0 +1,126 @@
+"""Training runs: determinism, exact resume, divergence flag, configs, CLI."""
+
+import json
+
+import pytest
+
+from mupp import data
+from mupp.cli import main
+from mupp.train import TrainConfig, load_config_file, train
+
+DS = data.synthetic(512, 256)
+BASE = dict(
+    dataset="synthetic",
+    width=64,
+    base_width=32,
+    epochs=3,
+    batch_size=64,
+    lr=0.05,
+    rho=0.1,
+    momentum=0.9,
+)
+
+
+def run(out=None, **kw):
+    cfg = dict(BASE)
+    cfg.update(kw)
+    return train(cfg, out, progress=False, dataset=DS, log=None)
+
+
+def test_deterministic_per_seed():
+    a, b, c = run(), run(), run(seed=1)
+    assert a["history"] == b["history"]
+    assert a["history"] != c["history"]
+    assert 0 < a["best_test_acc"] <= 1 and not a["diverged"]
+    assert set(a["history"][0]) >= {"train_loss", "train_acc", "test_loss", "test_acc"}
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = run(tmp_path / "full", schedule="cosine")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(msg):
+        if msg.startswith("epoch 1/"):
+            raise Killed
+
+    cfg = dict(BASE, schedule="cosine")
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "part", progress=False, dataset=DS, log=kill_after_first_epoch)
+    resumed = train(cfg, tmp_path / "part", resume=True, progress=False, dataset=DS, log=None)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert resumed["history"] == full["history"]
+    assert json.loads((tmp_path / "part" / "result.json").read_text())["history"] == full["history"]
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    run(tmp_path, epochs=1)
+    with pytest.raises(ValueError, match="different configuration"):
+        train(
+            dict(BASE, epochs=1, lr=0.2),
+            tmp_path,
+            resume=True,
+            progress=False,
+            dataset=DS,
+            log=None,
+        )
+
+
+def test_divergence_is_flagged_not_raised():
+    r = run(lr=1e4, rho=0.0)
+    assert r["diverged"] and len(r["history"]) == 1
+
+
+def test_sgd_baseline_resnet_and_adamw_paths():
+    r = run(rho=0.0, epochs=1)
+    assert not r["diverged"]
+    r = run(
+        model="resnet8", width=0.125, base_width=0.125, epochs=1, augment=True, label_smoothing=0.1
+    )
+    assert r["history"][0]["test_acc"] > 0
+    r = run(optimizer="adamw", lr=1e-3, epochs=1, schedule="cosine", warmup_epochs=0.5)
+    assert not r["diverged"]
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(optimizer="lion"), "optimizer must be one of"),
+        (dict(lr=-1.0), "lr must be a non-negative finite number"),
+        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(lerning_rate=0.1), "unknown training options"),
+    ],
+)
+def test_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict(dict(BASE, **kw))
+
+
+def test_config_files(tmp_path):
+    (tmp_path / "a.toml").write_text("[train]\nlr = 0.2\nmodel_kwargs = { output_mult = 0.5 }\n")
+    (tmp_path / "b.yaml").write_text("lr: 0.3\n")
+    assert load_config_file(tmp_path / "a.toml")["train"] == {
+        "lr": 0.2,
+        "model_kwargs": {"output_mult": 0.5},
+    }
+    assert load_config_file(tmp_path / "b.yaml") == {"lr": 0.3}
+
+
+def test_train_cli(tmp_path, capsys):
+    argv = [
+        "train",
+        "--dataset",
+        "synthetic",
+        "--width",
+        "32",
+        "--base-width",
+        "32",
+        "--epochs",
+        "1",
+    ]
+    argv += ["--rho", "0.05", "--out", str(tmp_path), "--no-progress", "--set", "train_subset=256"]
+    assert main(argv) == 0
+    assert "best test acc" in capsys.readouterr().out
+    assert json.loads((tmp_path / "result.json").read_text())["config"]["train_subset"] == 256
+    assert main(["train", "--dataset", "synthetic", "--optimizer", "lamb", "--no-progress"]) == 2
