@@ -45,7 +45,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(json.dumps(data.info(ds), indent=2))
     else:
         root = args.data_dir or data.search_dirs()[-1]
-        path = data.download(args.name, root)
+        path = data.download_archive(args.name, root)
         print(f"downloaded {args.name} to {path}")
     return 0
 
@@ -141,9 +141,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """Let ``--c -1,0,1`` mean ``--c=-1,0,1`` (argparse takes '-1,0,1' for an option)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if (
+            tok in ("--b", "--c", "--dl", "--d")
+            and nxt
+            and nxt.startswith("-")
+            and nxt[1:2].isdigit()
+        ):
+            out.append(f"{tok}={nxt}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_join_negative_values(argv))
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -4,7 +4,8 @@ Looked up, in order: the ``data_dir`` argument (``--data-dir``), ``$MUPP_DATA_DI
 cache (``$XDG_CACHE_HOME/mupp`` or ``~/.cache/mupp``).  In each directory mupp accepts the
 standard python layout (``cifar-10-batches-py/``, ``cifar-100-python/``, as torchvision
 downloads it) and, for CIFAR-10, ``cifar10.npz`` (arrays ``x_train, y_train, x_test, y_test``,
-uint8 HWC images).  ``download=True`` fetches the official archive, checks its MD5 and unpacks it.
+uint8 HWC images).  ``download=True`` fetches the official archive into the first directory searched, checks its
+MD5 and unpacks it.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def _load_npz(root: Path) -> Dataset | None:
         )
 
 
-def download(name: str, root: str | os.PathLike) -> Path:
+def download_archive(name: str, root: str | os.PathLike) -> Path:
     """Fetch the official archive of ``name`` into ``root``, verify its MD5, unpack it."""
     if name not in _ARCHIVES:
         raise ValueError(f"name must be one of {tuple(_ARCHIVES)}; got {name!r}")
@@ -155,11 +156,12 @@ def download(name: str, root: str | os.PathLike) -> Path:
 def load(
     name: str = "cifar10",
     data_dir: str | os.PathLike | None = None,
-    download_missing: bool = False,
+    download: bool = False,
     synthetic_size: tuple[int, int] = (2048, 512),
     seed: int = 0,
 ) -> Dataset:
-    """Load a dataset into memory (uint8 images; see :func:`normalize`)."""
+    """Load a dataset into memory (uint8 images; see :func:`normalize`).  ``download=True``
+    fetches the official archive when it is found nowhere (needs a network)."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}; got {name!r}")
     if name == "synthetic":
@@ -171,8 +173,8 @@ def load(
             ds = _load_npz(root)
         if ds is not None:
             return ds
-    if download_missing:
-        return load(name, download(name, dirs[0]))
+    if download:
+        return load(name, download_archive(name, dirs[0]))
     places = "\n  ".join(str(d) for d in dirs)
     raise FileNotFoundError(
         f"{name} not found. Searched (python layout '{_ARCHIVES[name][2]}/'"

@@ -29,13 +29,15 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 ROLES = ("input", "hidden", "output", "fixed")
-_PREFIXES = ("module.", "_orig_mod.")
+_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 _REGISTRY = WeakIdKeyDictionary()  # Parameter -> WidthInfo, by identity
 
 
 def strip_prefixes(name: str) -> str:
-    """Remove wrapper prefixes (``module.`` of DDP/FSDP, ``_orig_mod.`` of torch.compile)."""
+    """Remove wrapper prefixes (``module.`` of DDP, ``_orig_mod.`` of torch.compile,
+    ``_fsdp_wrapped_module.`` of FSDP, ``_checkpoint_wrapped_module.`` of activation
+    checkpointing), wherever they stand in the name."""
     changed = True
     while changed:
         changed = False

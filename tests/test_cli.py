@@ -41,3 +41,37 @@ def test_import_is_light():
     code = "import sys, mupp; print(sorted(m for m in ('matplotlib', 'optuna', 'yaml', 'scipy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_negative_values_need_no_equals_sign(capsys):
+    assert (
+        main(
+            [
+                "theory",
+                "classify",
+                "--b",
+                "0,0.5,1",
+                "--c",
+                "-1,0,1",
+                "--dl",
+                "-0.5,0.5,1.5",
+                "--d",
+                "-0.5",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    res = json.loads(capsys.readouterr().out)
+    assert res["effective"] == [True, True, True] and res["stable"]
+
+
+def test_readme_api_example_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("## API in 15 lines", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert len(block.strip().splitlines()) <= 15
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["loss"].ndim == 0

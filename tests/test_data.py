@@ -92,3 +92,30 @@ def test_data_info_cli_on_real_or_synthetic(capsys, tmp_path):
         assert out["train_mean"] == pytest.approx([0.4914, 0.4822, 0.4465], abs=2e-4)
     else:
         assert out["train_size"] == 30
+
+
+def test_cifar100_python_layout(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for name, n in (("train", 7), ("test", 3)):
+        with open(folder / name, "wb") as f:
+            pickle.dump(
+                {
+                    b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                    b"fine_labels": list(range(90, 90 + n)),
+                },
+                f,
+            )
+    ds = data.load("cifar100", tmp_path)
+    assert ds.num_classes == 100 and len(ds.train) == 7 and ds.test.y.tolist() == [90, 91, 92]
+
+
+def test_download_without_network_fails_cleanly(tmp_path, monkeypatch):
+    def no_network(*a, **k):
+        raise OSError("no network here")
+
+    monkeypatch.setattr(data.urllib.request, "urlretrieve", no_network)
+    with pytest.raises(OSError, match="no network"):
+        data.load("cifar10", tmp_path, download=True)
+    assert not list(tmp_path.glob("*.tar.gz"))  # nothing half-written left behind
