@@ -100,6 +100,7 @@ def make_step(method: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
         opt = PSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.01, momentum=0.9)
 
         def step():
+            closure()  # its step(closure) expects the first gradient to be there already
             opt.step(closure)
             opt.zero_grad()
 

@@ -38,8 +38,28 @@ def _float_list(text: str) -> list[float]:
 def cmd_coordcheck(args: argparse.Namespace) -> int:
     import json
 
-    from .diagnostics import coordcheck, format_tables, plot
+    from .diagnostics import coordcheck, format_tables, last_layer_equivalence, plot
 
+    if args.compare_last_layer:
+        res = last_layer_equivalence(
+            args.model,
+            args.widths,
+            base_width=args.base_width,
+            steps=args.steps,
+            seeds=args.seeds,
+            lr=args.lr,
+            rho=args.rho,
+            batch_size=args.batch_size,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+        )
+        print(
+            "μP-global SAM vs last-layer SAM (App. H.1): gap = ||f_SAM - f_LL|| / ||f_SAM - f_SGD||"
+        )
+        for w, g in zip(res["widths"], res["gap"]):
+            print(f"  width {w:>8g}: gap {g:.4f}")
+        print(f"  width exponent of the gap: {res['slope']:+.2f}")
+        return 0
     widths = [
         int(w) if float(w).is_integer() and args.model != "resnet" else w for w in args.widths
     ]
@@ -217,6 +237,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.no_progress,
         reclaim_running=args.reclaim_running,
+        vectorize=not args.no_vectorize,
     )
     print(f"sweep finished: {len(results)} results in {args.out}")
     return 0
@@ -343,6 +364,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="re-run trials left RUNNING by killed workers now (no other worker alive)",
     )
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument(
+        "--no-vectorize",
+        action="store_true",
+        help="train every grid point on its own (default: MLP points differing only in lr/rho train together)",
+    )
     s.set_defaults(func=cmd_sweep)
 
     pl = sub.add_parser("plot", help="Fig. 1-style heatmaps and slices of a sweep (PNG + PDF)")
@@ -375,6 +401,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--data-dir", default=None)
     c.add_argument("--json", default=None, help="write the result as JSON")
     c.add_argument("--plot", default=None, help="write a log-log plot (PNG)")
+    c.add_argument(
+        "--compare-last-layer",
+        action="store_true",
+        help="instead: how far μP-global SAM is from last-layer SAM, relative to SGD, per width",
+    )
     c.set_defaults(func=cmd_coordcheck)
 
     m = sub.add_parser("models", help="list the models with parameter counts at given widths")

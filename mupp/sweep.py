@@ -61,7 +61,8 @@ def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     for k, v in grid.items():
         if not isinstance(v, (list, tuple)) or not v:
             raise ValueError(f"grid[{k!r}] must be a non-empty list; got {v!r}")
-    keys = list(grid)
+    # lr and rho vary fastest, so that consecutive queued points can train as one vectorized group
+    keys = [k for k in grid if k not in ("lr", "rho")] + [k for k in ("lr", "rho") if k in grid]
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
@@ -144,18 +145,53 @@ def prepare(
     return {"done": len(done), "running": running, "enqueued": enqueued, "waiting": waiting}
 
 
-def _heartbeat(storage, trial_id: int, stop: threading.Event) -> None:
+def _heartbeat(storage, trial_ids: list[int], stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_INTERVAL):
         try:
-            storage.record_heartbeat(trial_id)
+            for trial_id in trial_ids:
+                storage.record_heartbeat(trial_id)
         except Exception:  # pragma: no cover - storage hiccup; the next beat retries
             pass
 
 
-def worker(url: str, out_dir: str, progress: bool = False, max_trials: int | None = None) -> int:
-    """Pop enqueued trials until none is left; returns how many this worker finished."""
+def _pop(study, storage, grid) -> tuple[Any, dict[str, Any]] | None:
+    """Pop one enqueued trial (atomically, in the storage); ``None`` when the queue is empty."""
     from optuna.trial import TrialState
 
+    if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        return None
+    with warnings.catch_warnings():  # we send the heartbeats ourselves
+        warnings.simplefilter("ignore", UserWarning)
+        trial = study.ask()
+    fixed = storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
+    if fixed is None:
+        # another worker took the last queued point between our check and ask()
+        study.tell(trial, state=TrialState.PRUNED)
+        return None
+    params = dict(fixed)
+    for k in params:
+        trial.suggest_categorical(k, grid[k])  # returns the enqueued value
+    trial.set_user_attr("point", point_key(params))
+    return trial, params
+
+
+def worker(
+    url: str,
+    out_dir: str,
+    progress: bool = False,
+    max_trials: int | None = None,
+    vectorize: bool = True,
+    group_size: int = 25,
+) -> int:
+    """Pop enqueued trials until none is left; returns how many this worker finished.
+
+    With ``vectorize``, up to ``group_size`` popped trials that differ only in ``lr``/``rho``
+    (and that :mod:`mupp.vectorized` supports) train together; the others run one by one,
+    resuming from their checkpoints.
+    """
+    from optuna.trial import TrialState
+
+    from . import vectorized
     from .train import train
 
     storage = make_storage(url)  # the raw storage: heartbeats go to it directly
@@ -163,56 +199,67 @@ def worker(url: str, out_dir: str, progress: bool = False, max_trials: int | Non
     base = dict(study.user_attrs["base_config"])
     grid = study.user_attrs["grid"]
     finished = 0
+    carry = None  # a popped trial that starts the next group
     while max_trials is None or finished < max_trials:
-        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        first = carry if carry is not None else _pop(study, storage, grid)
+        carry = None
+        if first is None:
             break
-        with warnings.catch_warnings():  # we send the heartbeats ourselves, below
-            warnings.simplefilter("ignore", UserWarning)
-            trial = study.ask()
-        fixed = storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
-        if fixed is None:
-            # another worker took the last queued point between our check and ask()
-            study.tell(trial, state=TrialState.PRUNED)
-            break
-        params = dict(fixed)
-        for k in params:
-            trial.suggest_categorical(k, grid[k])  # returns the enqueued value
-        key = point_key(params)
-        trial.set_user_attr("point", key)
+        popped = [first]
+        cfg0 = {**base, **first[1]}
+        if vectorize and vectorized.supports(cfg0):
+            key0 = vectorized.group_key(cfg0)
+            limit = group_size if max_trials is None else min(group_size, max_trials - finished)
+            while len(popped) < limit:
+                nxt = _pop(study, storage, grid)
+                if nxt is None:
+                    break
+                if vectorized.group_key({**base, **nxt[1]}) != key0:
+                    carry = nxt  # queue order keeps lr/rho together: this one opens the next group
+                    break
+                popped.append(nxt)
         stop = threading.Event()
         beat = None
         if hasattr(storage, "record_heartbeat") and getattr(storage, "heartbeat_interval", None):
-            storage.record_heartbeat(trial._trial_id)
-            beat = threading.Thread(
-                target=_heartbeat, args=(storage, trial._trial_id, stop), daemon=True
-            )
+            ids = [t._trial_id for t, _ in popped]
+            for tid in ids:
+                storage.record_heartbeat(tid)
+            beat = threading.Thread(target=_heartbeat, args=(storage, ids, stop), daemon=True)
             beat.start()
         try:
-            cfg = dict(base)
-            cfg.update(params)
-            result = train(
-                cfg, Path(out_dir) / "runs" / key, resume=True, progress=progress, log=None
-            )
+            cfgs = [{**base, **params} for _, params in popped]
+            group = list(range(len(cfgs))) if len(cfgs) > 1 else []  # one lr/rho group
+            results: dict[int, dict] = {}
+            if len(group) > 1:
+                for i, r in zip(group, vectorized.train_group([cfgs[i] for i in group])):
+                    results[i] = r
+            for i, c in enumerate(cfgs):
+                if i not in results:
+                    run_dir = Path(out_dir) / "runs" / point_key(popped[i][1])
+                    results[i] = train(c, run_dir, resume=True, progress=progress, log=None)
         except BaseException:
             stop.set()
-            study.tell(trial, state=TrialState.FAIL)
+            for t, _ in popped + ([carry] if carry is not None else []):
+                study.tell(t, state=TrialState.FAIL)
             raise
         stop.set()
         if beat is not None:
             beat.join()
-        trial.set_user_attr("result", result)
-        trial.set_user_attr("diverged", result["diverged"])
-        study.tell(trial, result["best_test_acc"])
-        finished += 1
+        for i, (trial, _) in enumerate(popped):
+            trial.set_user_attr("result", results[i])
+            trial.set_user_attr("diverged", results[i]["diverged"])
+            trial.set_user_attr("vectorized", len(group) > 1 and i in group)
+            study.tell(trial, results[i]["best_test_acc"])
+            finished += 1
     return finished
 
 
-def _worker_entry(url: str, out_dir: str, threads: int) -> None:
+def _worker_entry(url: str, out_dir: str, threads: int, vectorize: bool) -> None:
     import torch
 
     warnings.filterwarnings("ignore", module="optuna")
     torch.set_num_threads(threads)
-    worker(url, out_dir)
+    worker(url, out_dir, vectorize=vectorize)
 
 
 def run_sweep(
@@ -224,6 +271,7 @@ def run_sweep(
     workers: int = 1,
     progress: bool = True,
     reclaim_running: bool = False,
+    vectorize: bool = True,
 ) -> list[dict[str, Any]]:
     """Prepare the study, run ``workers`` local processes to completion, return the results."""
     out_dir = Path(out_dir)
@@ -238,17 +286,17 @@ def run_sweep(
         f"({counts['enqueued']} newly), {counts['running']} running elsewhere; storage {url}"
     )
     if workers == 1:
-        _run_with_progress(url, str(out_dir), total, counts["done"], progress, None)
+        _run_with_progress(url, str(out_dir), total, counts["done"], progress, None, vectorize)
     else:
         ctx = mp.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // workers)
         procs = [
-            ctx.Process(target=_worker_entry, args=(url, str(out_dir), threads))
+            ctx.Process(target=_worker_entry, args=(url, str(out_dir), threads, vectorize))
             for _ in range(workers)
         ]
         for p in procs:
             p.start()
-        _run_with_progress(url, str(out_dir), total, counts["done"], progress, procs)
+        _run_with_progress(url, str(out_dir), total, counts["done"], progress, procs, vectorize)
         for p in procs:
             p.join()
         bad = [p.exitcode for p in procs if p.exitcode != 0]
@@ -260,7 +308,7 @@ def run_sweep(
 
 
 def _run_with_progress(
-    url: str, out_dir: str, total: int, done: int, progress: bool, procs
+    url: str, out_dir: str, total: int, done: int, progress: bool, procs, vectorize: bool = True
 ) -> None:
     import time
 
@@ -278,7 +326,7 @@ def _run_with_progress(
 
     if procs is None:
         while True:
-            n = worker(url, out_dir, max_trials=1)
+            n = worker(url, out_dir, max_trials=None if bar is None else 25, vectorize=vectorize)
             if bar is not None:
                 bar.n = count()
                 bar.refresh()

@@ -131,3 +131,26 @@ def test_resnet_and_vit_coordcheck_run():
     for model, widths in (("resnet", [0.125, 0.25]), ("vit", [32, 64])):
         r = coordcheck(model, widths, steps=1, seeds=1, batch_size=8, progress=False)
         assert all(v > 0 for vals in r["metrics"]["act_rms"].values() for v in vals)
+
+
+def test_global_sam_approaches_last_layer_sam_with_width(capsys):
+    from mupp.diagnostics import last_layer_equivalence
+
+    res = last_layer_equivalence("mlp", [64, 256, 1024], steps=20, seeds=1)
+    assert res["gap"][-1] < res["gap"][0] and res["slope"] < -0.1, res
+    assert (
+        main(
+            [
+                "coordcheck",
+                "--compare-last-layer",
+                "--widths",
+                "64,128",
+                "--steps",
+                "2",
+                "--seeds",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert "gap" in capsys.readouterr().out

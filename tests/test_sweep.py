@@ -38,7 +38,7 @@ def test_two_workers_finish_a_grid_exactly_once(tmp_path):
 
 
 def _slow_worker(url, out_dir):
-    sweep.worker(url, out_dir)
+    sweep.worker(url, out_dir, vectorize=False)  # one trial at a time, with checkpoints
 
 
 def test_sigkill_mid_trial_then_resume_loses_and_duplicates_nothing(tmp_path):
@@ -67,7 +67,7 @@ def test_sigkill_mid_trial_then_resume_loses_and_duplicates_nothing(tmp_path):
     # finish with short runs: same grid points, fewer epochs is a different config -> refuse
     with pytest.raises(ValueError, match="different configuration"):
         sweep.prepare(url, grid, dict(base, epochs=1))
-    results = sweep.run_sweep(grid, base, tmp_path, workers=1, progress=False)
+    results = sweep.run_sweep(grid, base, tmp_path, workers=1, progress=False, vectorize=False)
     assert len(results) == 2 and len({r["point"] for r in results}) == 2
     fails = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
     assert len(fails) == 1
@@ -147,3 +147,19 @@ def test_journal_storage(tmp_path):
     url = f"journal:{tmp_path / 'journal.log'}"
     res = sweep.run_sweep(grid, BASE, tmp_path, storage=url, progress=False)
     assert len(res) == 2
+
+
+def test_vectorized_sweep_matches_one_by_one(tmp_path):
+    grid = {"lr": [0.05, 0.1], "rho": [0.0, 0.1], "width": [32, 64]}
+    base = dict(BASE, epochs=2, momentum=0.9)
+    vec = sweep.run_sweep(grid, base, tmp_path / "vec", progress=False)
+    seq = sweep.run_sweep(grid, base, tmp_path / "seq", progress=False, vectorize=False)
+    url = sweep.storage_url(tmp_path / "vec")
+    trials, _ = completed(url)
+    assert all(t.user_attrs["vectorized"] for t in trials)  # two groups of four
+    by_point = {r["point"]: r["result"] for r in seq}
+    assert len(vec) == 8
+    for r in vec:
+        s = by_point[r["point"]]
+        for a, b in zip(r["result"]["history"], s["history"]):
+            assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-3, abs=1e-4)

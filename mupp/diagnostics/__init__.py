@@ -4,6 +4,7 @@ from .coordcheck import (
     METRICS,
     coordcheck,
     format_tables,
+    last_layer_equivalence,
     measure_perturbation,
     measure_updates,
     plot,
@@ -15,6 +16,7 @@ from .probes import feature_rank, grad_norm, hessian_top_eigenvalue, hessian_tra
 __all__ = [
     "METRICS",
     "coordcheck",
+    "last_layer_equivalence",
     "format_tables",
     "plot",
     "slope",

@@ -33,9 +33,16 @@ DEFAULT_BASE = {"mlp": 64, "resnet": 0.125, "vit": 32}
 MODEL_NAMES = {"mlp": "mlp", "resnet": "resnet8", "vit": "vit"}
 
 
-def _build(model: str, width: float, base: float, num_classes: int) -> torch.nn.Module:
+def _build(
+    model: str, width: float, base: float, num_classes: int, sp: bool = False
+) -> torch.nn.Module:
+    """The model at ``width``; with ``sp`` the MLP gets standard (He, readout ``1/fan_in``)
+    initialization instead of μP (its width metadata is still set, for the measurements)."""
     if model == "mlp":
-        return build("mlp", width, base, d_out=num_classes)
+        net = build("mlp", width, base, d_out=num_classes)
+        if sp:
+            net.reset_parameters(mup=False)
+        return net
     if model == "resnet":
         return build("resnet8", width, base, num_classes=num_classes)
     if model == "vit":
@@ -82,7 +89,7 @@ def measure_updates(
     return out
 
 
-def run_one(
+def _train(
     model_name: str,
     width: float,
     base_width: float,
@@ -96,10 +103,13 @@ def run_one(
     rho: float,
     batch_size: int,
     dataset: data_mod.Dataset,
-) -> dict[str, dict[str, float]]:
-    """Train one width for ``steps`` SAM steps; returns ``{metric: {layer: value}}``."""
+    probe: torch.Tensor,
+    on_init=None,
+):
+    """Build and train one width for ``steps`` SAM steps (``rho = 0``: plain μP SGD).
+    ``on_init(model)`` runs before training (to record initial outputs)."""
     torch.manual_seed(seed)
-    model = _build(model_name, width, base_width, dataset.num_classes)
+    model = _build(model_name, width, base_width, dataset.num_classes, sp=parameterization == "sp")
     opt = SAM(
         model.parameters(),
         torch.optim.SGD,
@@ -109,19 +119,11 @@ def run_one(
         variant=variant,
         rule=rule,
     )
-    flatten = model_name == "mlp"
+    if on_init is not None:
+        on_init(model)
     gen = torch.Generator().manual_seed(seed)
-    probe = data_mod.normalize(dataset.test.x[:64], dataset.name)
-    if flatten:
-        probe = probe.flatten(1)
-    layers = weight_layers(model)
-    model.eval()  # BatchNorm: probe measurements use running statistics
-    with torch.no_grad(), capture(layers) as (_, init_outputs):
-        model(probe)
-    init_outputs = dict(init_outputs)
-    init_weights = {n: m.weight.detach().clone() for n, m in layers}
+    batches = _infinite_batches(dataset, batch_size, gen, model_name == "mlp")
     model.train()
-    batches = _infinite_batches(dataset, batch_size, gen, flatten)
     for _ in range(steps):
         x, y = next(batches)
 
@@ -132,6 +134,28 @@ def run_one(
 
         opt.step(closure)
         opt.zero_grad()
+    return model, opt, batches
+
+
+def _probe(model_name: str, dataset: data_mod.Dataset) -> torch.Tensor:
+    probe = data_mod.normalize(dataset.test.x[:64], dataset.name)
+    return probe.flatten(1) if model_name == "mlp" else probe
+
+
+def run_one(model_name: str, width: float, base_width: float, **kw) -> dict[str, dict[str, float]]:
+    """Train one width (see :func:`_train`); returns ``{metric: {layer: value}}``."""
+    probe = _probe(model_name, kw["dataset"])
+    init: dict[str, Any] = {}
+
+    def record(model):
+        layers = weight_layers(model)
+        model.eval()  # BatchNorm: probe measurements use running statistics
+        with torch.no_grad(), capture(layers) as (_, outputs):
+            model(probe)
+        init["outputs"] = dict(outputs)
+        init["weights"] = {n: m.weight.detach().clone() for n, m in layers}
+
+    model, opt, batches = _train(model_name, width, base_width, probe=probe, on_init=record, **kw)
     # one more ascent step to read ε at the trained weights, then restore without stepping
     x, y = next(batches)
     F.cross_entropy(model(x), y).backward()
@@ -139,8 +163,65 @@ def run_one(
     model.eval()
     result = measure_perturbation(model, opt, probe)
     opt.restore()
-    result.update(measure_updates(model, probe, init_outputs, init_weights))
+    result.update(measure_updates(model, probe, init["outputs"], init["weights"]))
     return result
+
+
+def last_layer_equivalence(
+    model: str = "mlp",
+    widths: Sequence[float] = (64, 256, 1024),
+    *,
+    base_width: float | None = None,
+    steps: int = 50,
+    seeds: int = 1,
+    lr: float = 0.05,
+    rho: float = 0.1,
+    batch_size: int = 64,
+    dataset: str = "synthetic",
+    data_dir: str | None = None,
+) -> dict[str, Any]:
+    """App. H.1 / Prop. 2: under μP-global, SAM behaves like last-layer SAM at large width.
+
+    Trains SAM (μP-global), last-layer SAM (μP-global) and SGD (μP) from the same init on the
+    same batches and reports per width ``gap = ||f_SAM - f_LL|| / ||f_SAM - f_SGD||`` on a probe
+    batch: the share of SAM's effect on the function that last-layer SAM does *not* reproduce.
+    It shrinks as width grows."""
+    base = DEFAULT_BASE[model] if base_width is None else base_width
+    ds = data_mod.load(dataset, data_dir)
+    probe = _probe(model, ds)
+    gaps = []
+    for w in widths:
+        vals = []
+        for s in range(seeds):
+            outs = {}
+            for name, variant, r in (
+                ("sam", "sam", rho),
+                ("ll", "last-layer", rho),
+                ("sgd", "sam", 0.0),
+            ):
+                m, _, _ = _train(
+                    model,
+                    w,
+                    base,
+                    parameterization="mup-global",
+                    variant=variant,
+                    rule="LP",
+                    steps=steps,
+                    seed=s,
+                    lr=lr,
+                    rho=r,
+                    batch_size=batch_size,
+                    dataset=ds,
+                    probe=probe,
+                )
+                m.eval()
+                with torch.no_grad():
+                    outs[name] = m(probe)
+            vals.append(
+                ((outs["sam"] - outs["ll"]).norm() / (outs["sam"] - outs["sgd"]).norm()).item()
+            )
+        gaps.append(float(np.mean(vals)))
+    return {"widths": list(widths), "gap": gaps, "slope": slope(widths, gaps)}
 
 
 def _infinite_batches(ds: data_mod.Dataset, batch_size: int, gen: torch.Generator, flatten: bool):

@@ -198,24 +198,43 @@ class SAM(torch.optim.Optimizer):
             ascent_weight_decay=self.ascent_weight_decay,
             inplace=zero_grad,
         )
-        saved = []
-        for p in params:
-            st = self.state[p]
-            buf = st.get("w_saved")
-            if (
-                buf is None
-                or buf.shape != p.shape
-                or buf.dtype != p.dtype
-                or buf.device != p.device
-            ):
-                buf = st["w_saved"] = torch.empty_like(p, memory_format=torch.preserve_format)
-            saved.append(buf)
+        # With zero_grad the ε tensors are the consumed gradients (or temporaries): turn them
+        # into W + ε in place and swap storages, so W itself is the saved copy and restoring
+        # is a pointer swap (no copies).  Views (e.g. DDP bucket views) take the copy path.
+        swap = (
+            zero_grad
+            and bool(params)
+            and all(
+                type(e) is torch.Tensor and not e._is_view() and e.stride() == p.stride()
+                for p, e in zip(params, eps)
+            )
+        )
+        if swap:
+            torch._foreach_add_(eps, params)
+            saved = [p.data for p in params]
+            for p, e in zip(params, eps):
+                p.grad = None
+                p.data = e
+        else:
+            saved = []
+            for p in params:
+                st = self.state[p]
+                buf = st.get("w_saved")
+                if (
+                    buf is None
+                    or buf.shape != p.shape
+                    or buf.dtype != p.dtype
+                    or buf.device != p.device
+                ):
+                    buf = st["w_saved"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                saved.append(buf)
+            if params:
+                torch._foreach_copy_(saved, params)
+                torch._foreach_add_(params, eps)
+        self._swapped = swap
         self._perturbed = params
         self._saved = saved
         self._finite = finite
-        if params:
-            torch._foreach_copy_(saved, params)
-            torch._foreach_add_(params, eps)
         self._pending = True
         if zero_grad:
             self.zero_grad()
@@ -240,8 +259,12 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError(
                 "second_step()/restore() called before first_step(): nothing to restore"
             )
-        if self._perturbed:
+        if self._swapped:
+            for p, w in zip(self._perturbed, self._saved):
+                p.data = w
+        elif self._perturbed:
             torch._foreach_copy_(self._perturbed, self._saved)
+        self._saved = []
         self._pending = False
 
     @torch.no_grad()

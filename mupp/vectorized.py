@@ -1,0 +1,278 @@
+"""Train K configurations of one MLP at once, sharing every data batch (batched weights).
+
+Configurations of a group differ only in ``lr`` and ``rho``: same model, width, seed (so the
+same initialization and data order), parameterization, variant and rule.  Each configuration's
+SAM norms are its own.  The per-parameter factors (μP learning rates, perturbation numerator and
+denominator) are read from a :class:`mupp.SAM` built on the template model, so the scaling is
+decided in one place.  The update replicates ``torch.optim.SGD`` (momentum, dampening 0,
+Nesterov, coupled weight decay) and ``LambdaLR``; a configuration whose gradient is non-finite
+skips that step, as :class:`mupp.SAM` does.  Results equal sequential :func:`mupp.train.train`
+runs to float tolerance (batched matmuls sum in another order).  No checkpoints: a killed group
+re-runs from the start.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import data as data_mod
+from .optim import SAM
+from .train import TrainConfig, _lr_lambda, _make_model, _subset, summarize
+
+VARYING = ("lr", "rho")
+_DIRECTION_VARIANTS = ("sam", "last-layer", "first-layer", "sam-on")
+
+
+def supports(cfg: TrainConfig | dict) -> bool:
+    """Whether a configuration can join a vectorized group."""
+    c = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg)
+    return c.model == "mlp" and c.optimizer == "sgd" and c.variant in _DIRECTION_VARIANTS
+
+
+def group_key(cfg: dict[str, Any]) -> str:
+    """Configurations with equal keys can train together."""
+    import json
+
+    return json.dumps(
+        {k: v for k, v in sorted(cfg.items()) if k not in VARYING}, sort_keys=True, default=str
+    )
+
+
+def train_group(
+    configs: Sequence[TrainConfig | dict],
+    dataset: data_mod.Dataset | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Train the configurations together; returns one result record per configuration."""
+    cfgs = [c if isinstance(c, TrainConfig) else TrainConfig.from_dict(c) for c in configs]
+    if not cfgs:
+        raise ValueError("configs is empty")
+    keys = {group_key(c.to_dict()) for c in cfgs}
+    if len(keys) != 1:
+        raise ValueError(f"configs must differ only in {VARYING}")
+    if not all(supports(c) for c in cfgs):
+        raise ValueError(
+            "vectorized training supports the MLP with SGD and variants " + str(_DIRECTION_VARIANTS)
+        )
+    cfg0 = cfgs[0]
+    K = len(cfgs)
+    ds = (
+        dataset
+        if dataset is not None
+        else data_mod.load(cfg0.dataset, cfg0.data_dir, seed=cfg0.seed)
+    )
+    train_split, test_split = (
+        _subset(ds.train, cfg0.train_subset),
+        _subset(ds.test, cfg0.test_subset),
+    )
+    dev = torch.device(cfg0.device)
+    torch.manual_seed(cfg0.seed)
+    model = _make_model(cfg0, ds.num_classes).to(dev)
+    names = [n for n, _ in model.named_parameters()]
+    # per-parameter factors from the one place that decides them
+    template = SAM(
+        model.parameters(),
+        torch.optim.SGD,
+        lr=1.0,
+        rho=1.0,
+        parameterization=cfg0.parameterization,
+        rule=cfg0.rule,
+        variant=cfg0.variant,
+        weight_decay=cfg0.weight_decay,
+    )
+    info = {}
+    for g in template.param_groups:
+        for p in g["params"]:
+            info[id(p)] = g
+    fac = {n: info[id(p)] for n, p in model.named_parameters()}
+    lr_fac = {n: fac[n]["lr"] for n in names}  # lr=1: the μP factor
+    wd = {n: fac[n]["weight_decay"] for n in names}
+    num = {n: fac[n]["pert_num"] for n in names}
+    den = {n: fac[n]["pert_den"] for n in names}
+    pert = {n: bool(fac[n]["perturb"]) for n in names}
+    del template
+    theta = {
+        n: p.detach().unsqueeze(0).repeat(K, *([1] * p.ndim)).clone()
+        for n, p in model.named_parameters()
+    }
+    bufs: dict[str, torch.Tensor | None] = {n: None for n in names}
+    lrs = torch.tensor([c.lr for c in cfgs], device=dev)
+    rhos = torch.tensor([c.rho for c in cfgs], device=dev)
+    use_sam = rhos > 0
+
+    def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The MLP's forward for all K configurations at once: (B, d_in) -> (K, B, d_out)."""
+        h = None
+        for i, layer in enumerate(model.layers):
+            w = params[f"layers.{i}.weight"]
+            if i == 0:
+                h = torch.einsum("bi,koi->kbo", x, w)
+            else:
+                h = torch.einsum("kbi,koi->kbo", model.act(h), w)
+            if layer.bias is not None:
+                h = h + params[f"layers.{i}.bias"].unsqueeze(1)
+            if i == 0:
+                h = h * model.input_mult
+        return h * model.output_mult
+
+    def vgrad(params, x, y):
+        """Per-configuration gradients (the configurations are independent, so the gradient
+        of the summed loss is each configuration's own), losses and logits."""
+        leaves = {n: t.detach().requires_grad_(True) for n, t in params.items()}
+        logits = forward(leaves, x)
+        losses = torch.stack(
+            [F.cross_entropy(logits[k], y, label_smoothing=cfg0.label_smoothing) for k in range(K)]
+        )
+        grads = torch.autograd.grad(losses.sum(), [leaves[n] for n in names])
+        return dict(zip(names, grads)), (losses.detach(), logits.detach())
+
+    def vforward(params, x):
+        with torch.no_grad():
+            return forward(params, x)
+
+    steps_per_epoch = len(train_split) // cfg0.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"batch_size {cfg0.batch_size} exceeds the training set ({len(train_split)} images)"
+        )
+    lam = _lr_lambda(cfg0, steps_per_epoch)
+    histories: list[list[dict[str, float]]] = [[] for _ in range(K)]
+    alive = torch.ones(K, dtype=torch.bool, device=dev)
+    step = 0
+    t_start = time.perf_counter()
+    exact_mask = ds.test_exact[: len(test_split)] if ds.test_exact is not None else None
+
+    def shaped(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return v.view(K, *([1] * (t.ndim - 1)))
+
+    for epoch in range(cfg0.epochs):
+        if not alive.any():
+            break
+        gen = torch.Generator().manual_seed(cfg0.seed * 100_003 + epoch)
+        it = data_mod.batches(
+            train_split,
+            cfg0.batch_size,
+            shuffle=True,
+            generator=gen,
+            name=ds.name,
+            augment_data=cfg0.augment,
+            flatten=True,
+            drop_last=True,
+            device=dev,
+        )
+        loss_sum = torch.zeros(K, device=dev)
+        correct = torch.zeros(K, device=dev)
+        seen = 0
+        for x, y in it:
+            g1, (loss, logits) = vgrad(theta, x, y)
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(-1) == y).sum(-1).float()
+            seen += len(y)
+            gsq = {n: g1[n].pow(2).flatten(1).sum(1) for n in names}
+            finite1 = torch.stack([torch.isfinite(gsq[n]) for n in names]).all(0)
+            if use_sam.any():
+                eps = _perturbation(
+                    cfg0.rule, names, g1, gsq, num, den, pert, rhos, template_eps=1e-12
+                )
+                perturbed = {
+                    n: theta[n]
+                    + torch.where(shaped(finite1, eps[n]), eps[n], torch.zeros_like(eps[n]))
+                    for n in names
+                }
+                g2, _ = vgrad(perturbed, x, y)
+                g = {n: torch.where(shaped(use_sam, g2[n]), g2[n], g1[n]) for n in names}
+                finite2 = torch.stack([torch.isfinite(g[n]).flatten(1).all(1) for n in names]).all(
+                    0
+                )
+                # SAM skips non-finite steps; the plain base optimizer (rho = 0) does not
+                ok = torch.where(use_sam, finite1 & finite2, torch.ones_like(finite1))
+            else:
+                g = g1
+                ok = torch.ones(K, dtype=torch.bool, device=dev)  # plain SGD does not skip
+            factor = lam(step)
+            for n in names:
+                d_p = g[n]
+                if wd[n]:
+                    d_p = d_p + wd[n] * theta[n]
+                if cfg0.momentum:
+                    # torch.optim.SGD: the buffer starts as a copy of d_p; a zero buffer for a
+                    # configuration that skipped its first step gives exactly that later
+                    prev = bufs[n] if bufs[n] is not None else torch.zeros_like(d_p)
+                    new_buf = prev * cfg0.momentum + d_p
+                    bufs[n] = torch.where(shaped(ok, new_buf), new_buf, prev)
+                    d_p = d_p + cfg0.momentum * bufs[n] if cfg0.nesterov else bufs[n]
+                step_lr = shaped(lrs * (lr_fac[n] * factor), d_p)
+                theta[n] = torch.where(shaped(ok, d_p), theta[n] - step_lr * d_p, theta[n])
+            step += 1
+        # evaluation, one record per configuration
+        with torch.no_grad():
+            outs = [
+                vforward(theta, xb)
+                for xb, _ in data_mod.batches(
+                    test_split, 500, shuffle=False, name=ds.name, flatten=True, device=dev
+                )
+            ]
+        logits = torch.cat(outs, 1)
+        yt = test_split.y.to(dev)
+        test_loss = torch.stack([F.cross_entropy(logits[k], yt).detach() for k in range(K)])
+        per_example = logits.argmax(-1) == yt
+        test_acc = per_example.float().mean(1)
+        train_loss = loss_sum / max(seen, 1)
+        chance = 1.0 / ds.num_classes
+        for k in range(K):
+            if not alive[k]:
+                continue
+            rec = {
+                "epoch": epoch + 1,
+                "train_loss": train_loss[k].item(),
+                "train_acc": (correct[k] / max(seen, 1)).item(),
+                "test_loss": test_loss[k].item(),
+                "test_acc": test_acc[k].item(),
+            }
+            if exact_mask is not None and exact_mask.any():
+                rec["test_acc_exact"] = per_example[k][exact_mask.to(dev)].float().mean().item()
+            if (
+                not (math.isfinite(rec["train_loss"]) and math.isfinite(rec["test_loss"]))
+                or rec["test_acc"] <= chance + 0.01
+            ):
+                rec["diverged"] = True
+                alive[k] = False
+            histories[k].append(rec)
+    elapsed = (time.perf_counter() - t_start) / K  # amortized
+    return [summarize(c, h, elapsed) for c, h in zip(cfgs, histories)]
+
+
+def _perturbation(rule, names, g, gsq, num, den, pert, rhos, template_eps):
+    """ε per configuration for the gradient-direction variants (see mupp.optim.perturbation)."""
+    K = rhos.shape[0]
+
+    def shaped(v, t):
+        return v.view(K, *([1] * (t.ndim - 1)))
+
+    zero = {n: torch.zeros_like(g[n]) for n in names if not pert[n]}
+    eps = {}
+    if rule in ("LP", "DP"):
+        total = torch.sqrt(sum(den[n] ** 2 * gsq[n] for n in names if pert[n]))
+        for n in names:
+            eps[n] = (
+                zero[n]
+                if not pert[n]
+                else shaped(rhos * num[n] / (total + template_eps), g[n]) * g[n]
+            )
+    elif rule == "LN":
+        for n in names:
+            eps[n] = (
+                zero[n]
+                if not pert[n]
+                else shaped(rhos * num[n] / (gsq[n].sqrt() + template_eps), g[n]) * g[n]
+            )
+    else:
+        for n in names:
+            eps[n] = zero[n] if not pert[n] else shaped(rhos * num[n], g[n]) * g[n]
+    return eps
