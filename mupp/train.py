@@ -174,6 +174,23 @@ def evaluate(
     return c.float().mean().item(), total_loss / len(c), c
 
 
+def epoch_batches(cfg: TrainConfig, split: data_mod.Split, name: str, epoch: int):
+    """The training batches of ``epoch``: their order depends only on ``(seed, epoch)``, which
+    makes runs deterministic, resumable, and shareable by vectorized groups."""
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    return data_mod.batches(
+        split,
+        cfg.batch_size,
+        shuffle=True,
+        generator=gen,
+        name=name,
+        augment_data=cfg.augment,
+        flatten=cfg.model == "mlp",
+        drop_last=True,
+        device=cfg.device,
+    )
+
+
 def _subset(split: data_mod.Split, n: int | None) -> data_mod.Split:
     return split if n is None or n >= len(split) else data_mod.Split(split.x[:n], split.y[:n])
 
@@ -245,18 +262,7 @@ def train(
         if diverged:
             break
         t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        it = data_mod.batches(
-            train_split,
-            cfg.batch_size,
-            shuffle=True,
-            generator=gen,
-            name=ds.name,
-            augment_data=cfg.augment,
-            flatten=flatten,
-            drop_last=True,
-            device=cfg.device,
-        )
+        it = epoch_batches(cfg, train_split, ds.name, epoch)
         if progress:
             from tqdm import tqdm
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from .optim import SAM
-from .train import TrainConfig, _lr_lambda, _make_model, _subset, summarize
+from .train import TrainConfig, _lr_lambda, _make_model, _subset, epoch_batches, summarize
 
 VARYING = ("lr", "rho")
 _DIRECTION_VARIANTS = ("sam", "last-layer", "first-layer", "sam-on")
@@ -154,18 +154,7 @@ def train_group(
     for epoch in range(cfg0.epochs):
         if not alive.any():
             break
-        gen = torch.Generator().manual_seed(cfg0.seed * 100_003 + epoch)
-        it = data_mod.batches(
-            train_split,
-            cfg0.batch_size,
-            shuffle=True,
-            generator=gen,
-            name=ds.name,
-            augment_data=cfg0.augment,
-            flatten=True,
-            drop_last=True,
-            device=dev,
-        )
+        it = epoch_batches(cfg0, train_split, ds.name, epoch)
         loss_sum = torch.zeros(K, device=dev)
         correct = torch.zeros(K, device=dev)
         seen = 0
