@@ -237,7 +237,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.no_progress,
         reclaim_running=args.reclaim_running,
-        vectorize=not args.no_vectorize,
+        vectorize={"auto": None, "on": True, "off": False}[args.vectorize],
     )
     print(f"sweep finished: {len(results)} results in {args.out}")
     return 0
@@ -365,9 +365,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--no-progress", action="store_true")
     s.add_argument(
-        "--no-vectorize",
-        action="store_true",
-        help="train every grid point on its own (default: MLP points differing only in lr/rho train together)",
+        "--vectorize",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="train MLP grid points that differ only in lr/rho together (auto: on CUDA only)",
     )
     s.set_defaults(func=cmd_sweep)
 

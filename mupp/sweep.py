@@ -180,14 +180,15 @@ def worker(
     out_dir: str,
     progress: bool = False,
     max_trials: int | None = None,
-    vectorize: bool = True,
+    vectorize: bool | None = None,
     group_size: int = 25,
 ) -> int:
     """Pop enqueued trials until none is left; returns how many this worker finished.
 
     With ``vectorize``, up to ``group_size`` popped trials that differ only in ``lr``/``rho``
     (and that :mod:`mupp.vectorized` supports) train together; the others run one by one,
-    resuming from their checkpoints.
+    resuming from their checkpoints.  ``None`` (default) vectorizes on CUDA only: on CPU,
+    ``benchmarks/sweep_throughput.py`` measured no gain (docs/performance.md).
     """
     from optuna.trial import TrialState
 
@@ -207,7 +208,8 @@ def worker(
             break
         popped = [first]
         cfg0 = {**base, **first[1]}
-        if vectorize and vectorized.supports(cfg0):
+        auto = str(cfg0.get("device", "cpu")).startswith("cuda")
+        if (auto if vectorize is None else vectorize) and vectorized.supports(cfg0):
             key0 = vectorized.group_key(cfg0)
             limit = group_size if max_trials is None else min(group_size, max_trials - finished)
             while len(popped) < limit:
@@ -254,7 +256,7 @@ def worker(
     return finished
 
 
-def _worker_entry(url: str, out_dir: str, threads: int, vectorize: bool) -> None:
+def _worker_entry(url: str, out_dir: str, threads: int, vectorize: bool | None) -> None:
     import torch
 
     warnings.filterwarnings("ignore", module="optuna")
@@ -271,7 +273,7 @@ def run_sweep(
     workers: int = 1,
     progress: bool = True,
     reclaim_running: bool = False,
-    vectorize: bool = True,
+    vectorize: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Prepare the study, run ``workers`` local processes to completion, return the results."""
     out_dir = Path(out_dir)
@@ -308,7 +310,13 @@ def run_sweep(
 
 
 def _run_with_progress(
-    url: str, out_dir: str, total: int, done: int, progress: bool, procs, vectorize: bool = True
+    url: str,
+    out_dir: str,
+    total: int,
+    done: int,
+    progress: bool,
+    procs,
+    vectorize: bool | None = None,
 ) -> None:
     import time
 

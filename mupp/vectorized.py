@@ -110,11 +110,11 @@ def train_group(
         """The MLP's forward for all K configurations at once: (B, d_in) -> (K, B, d_out)."""
         h = None
         for i, layer in enumerate(model.layers):
-            w = params[f"layers.{i}.weight"]
-            if i == 0:
-                h = torch.einsum("bi,koi->kbo", x, w)
+            w = params[f"layers.{i}.weight"]  # (K, out, in)
+            if i == 0:  # the shared input: one GEMM against all K weight matrices
+                h = (x @ w.reshape(-1, w.shape[-1]).T).view(x.shape[0], K, -1).transpose(0, 1)
             else:
-                h = torch.einsum("kbi,koi->kbo", model.act(h), w)
+                h = torch.bmm(model.act(h), w.transpose(1, 2))
             if layer.bias is not None:
                 h = h + params[f"layers.{i}.bias"].unsqueeze(1)
             if i == 0:
@@ -166,16 +166,14 @@ def train_group(
             gsq = {n: g1[n].pow(2).flatten(1).sum(1) for n in names}
             finite1 = torch.stack([torch.isfinite(gsq[n]) for n in names]).all(0)
             if use_sam.any():
-                eps = _perturbation(
-                    cfg0.rule, names, g1, gsq, num, den, pert, rhos, template_eps=1e-12
-                )
-                perturbed = {
-                    n: theta[n]
-                    + torch.where(shaped(finite1, eps[n]), eps[n], torch.zeros_like(eps[n]))
-                    for n in names
-                }
-                g2, _ = vgrad(perturbed, x, y)
-                g = {n: torch.where(shaped(use_sam, g2[n]), g2[n], g1[n]) for n in names}
+                eps = _perturbation(cfg0.rule, names, g1, gsq, num, den, pert, rhos, 1e-12)
+                if not bool(finite1.all()):  # a non-finite ascent gradient: no perturbation
+                    eps = {
+                        n: torch.where(shaped(finite1, e), e, torch.zeros_like(e))
+                        for n, e in eps.items()
+                    }
+                # rho = 0 gives ε = 0, so its second gradient is its first
+                g, _ = vgrad({n: theta[n] + eps[n] for n in names}, x, y)
                 finite2 = torch.stack([torch.isfinite(g[n]).flatten(1).all(1) for n in names]).all(
                     0
                 )
@@ -184,20 +182,28 @@ def train_group(
             else:
                 g = g1
                 ok = torch.ones(K, dtype=torch.bool, device=dev)  # plain SGD does not skip
+            all_ok = bool(ok.all())  # the common case updates in place, without masks
             factor = lam(step)
             for n in names:
                 d_p = g[n]
                 if wd[n]:
-                    d_p = d_p + wd[n] * theta[n]
+                    d_p = d_p.add(theta[n], alpha=wd[n])
                 if cfg0.momentum:
                     # torch.optim.SGD: the buffer starts as a copy of d_p; a zero buffer for a
                     # configuration that skipped its first step gives exactly that later
-                    prev = bufs[n] if bufs[n] is not None else torch.zeros_like(d_p)
-                    new_buf = prev * cfg0.momentum + d_p
-                    bufs[n] = torch.where(shaped(ok, new_buf), new_buf, prev)
-                    d_p = d_p + cfg0.momentum * bufs[n] if cfg0.nesterov else bufs[n]
+                    if bufs[n] is None:
+                        bufs[n] = torch.zeros_like(d_p)
+                    if all_ok:
+                        bufs[n].mul_(cfg0.momentum).add_(d_p)
+                    else:
+                        new_buf = bufs[n] * cfg0.momentum + d_p
+                        bufs[n] = torch.where(shaped(ok, new_buf), new_buf, bufs[n])
+                    d_p = d_p.add(bufs[n], alpha=cfg0.momentum) if cfg0.nesterov else bufs[n]
                 step_lr = shaped(lrs * (lr_fac[n] * factor), d_p)
-                theta[n] = torch.where(shaped(ok, d_p), theta[n] - step_lr * d_p, theta[n])
+                if all_ok:
+                    theta[n].addcmul_(d_p, step_lr, value=-1.0)
+                else:
+                    theta[n] = torch.where(shaped(ok, d_p), theta[n] - step_lr * d_p, theta[n])
             step += 1
         # evaluation, one record per configuration
         with torch.no_grad():
@@ -238,6 +244,7 @@ def train_group(
 
 
 def _perturbation(rule, names, g, gsq, num, den, pert, rhos, template_eps):
+    # (mirrors mupp.optim.perturbation.perturb_ for u = g, batched over configurations)
     """ε per configuration for the gradient-direction variants (see mupp.optim.perturbation)."""
     K = rhos.shape[0]
 

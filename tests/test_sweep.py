@@ -152,8 +152,8 @@ def test_journal_storage(tmp_path):
 def test_vectorized_sweep_matches_one_by_one(tmp_path):
     grid = {"lr": [0.05, 0.1], "rho": [0.0, 0.1], "width": [32, 64]}
     base = dict(BASE, epochs=2, momentum=0.5)
-    vec = sweep.run_sweep(grid, base, tmp_path / "vec", progress=False)
-    seq = sweep.run_sweep(grid, base, tmp_path / "seq", progress=False, vectorize=False)
+    vec = sweep.run_sweep(grid, base, tmp_path / "vec", progress=False, vectorize=True)
+    seq = sweep.run_sweep(grid, base, tmp_path / "seq", progress=False)  # CPU: one by one
     url = sweep.storage_url(tmp_path / "vec")
     trials, _ = completed(url)
     assert all(t.user_attrs["vectorized"] for t in trials)  # two groups of four
