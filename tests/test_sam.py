@@ -500,3 +500,18 @@ def test_last_layer_fast_path_skips_earlier_gradients_and_matches():
         opt.second_step(zero_grad=True)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+
+
+def test_parameters_that_are_views_take_the_copy_path():
+    flat = torch.nn.Parameter(torch.randn(12 * 4 + 4))
+    w, b = torch.nn.Parameter(torch.empty(4, 12)), torch.nn.Parameter(torch.empty(4))
+    w.data = flat.data[:48].view(4, 12)  # views into one storage, as FSDP sets them
+    b.data = flat.data[48:]
+    opt = SAM([w, b], torch.optim.SGD, lr=0.0, rho=0.1, parameterization="sp")
+    (X @ w.T + b).square().mean().backward()
+    opt.first_step(zero_grad=True)
+    assert w.data.data_ptr() == flat.data.data_ptr()  # still a view into the flat storage
+    assert not torch.equal(flat.data[:48].view(4, 12), torch.zeros(4, 12))
+    before = flat.data.clone()
+    opt.restore()
+    assert not torch.equal(flat.data, before)  # the restore wrote through the view

@@ -200,12 +200,15 @@ class SAM(torch.optim.Optimizer):
         )
         # With zero_grad the ε tensors are the consumed gradients (or temporaries): turn them
         # into W + ε in place and swap storages, so W itself is the saved copy and restoring
-        # is a pointer swap (no copies).  Views (e.g. DDP bucket views) take the copy path.
+        # is a pointer swap (no copies).  Slices of larger storages take the copy path.
         swap = (
             zero_grad
             and bool(params)
             and all(
-                type(e) is torch.Tensor and not e._is_view() and e.stride() == p.stride()
+                type(e) is torch.Tensor
+                and _owns_storage(e)  # not a slice of e.g. a DDP gradient bucket
+                and _owns_storage(p)  # not a slice of e.g. an FSDP flat parameter
+                and e.stride() == p.stride()
                 for p, e in zip(params, eps)
             )
         )
@@ -367,6 +370,11 @@ class SAM(torch.optim.Optimizer):
             f"SAM(base={type(self.base_optimizer).__name__}, parameterization={self.parameterization!r}, "
             f"rule={self.rule!r}, variant={self.variant!r}, groups={len(self.param_groups)})"
         )
+
+
+def _owns_storage(t: torch.Tensor) -> bool:
+    """Whether ``t`` is its storage's only content (swapping it cannot affect other tensors)."""
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def _foreach_by_device(tensors: list[torch.Tensor], fn: Callable) -> None:
