@@ -515,3 +515,29 @@ def test_parameters_that_are_views_take_the_copy_path():
     before = flat.data.clone()
     opt.restore()
     assert not torch.equal(flat.data, before)  # the restore wrote through the view
+
+
+@pytest.mark.parametrize("parameterization", ["mup-naive", "mup-global", "mupp"])
+@pytest.mark.parametrize("variant", ["sam", "asam-elem", "asam-layer", "last-layer"])
+def test_optimizer_exponents_come_from_theory(parameterization, variant):
+    from mupp import theory
+
+    m = prepared_mlp(32, 8)
+    opt = SAM(
+        m.parameters(),
+        torch.optim.SGD,
+        lr=0.1,
+        rho=0.1,
+        parameterization=parameterization,
+        variant=variant,
+    )
+    th_variant, roles = {"last-layer": ("sam", ["output"])}.get(variant, (variant, None))
+    d, by_role = theory.variant_exponents(th_variant, parameterization, roles=roles)
+    group = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for p, role in zip(m.parameters(), ["input", "hidden", "output"]):
+        g = group[id(p)]
+        if role not in by_role:
+            assert not g["perturb"]
+            continue
+        assert g["pert_num"] == pytest.approx(M ** (-d) * M ** (-by_role[role]))
+        assert g["pert_den"] == pytest.approx(M ** (-by_role[role]))
