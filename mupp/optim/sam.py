@@ -286,6 +286,7 @@ class SAM(torch.optim.Optimizer):
             # finiteness check downstream (ours or GradScaler's) skips the whole step
             poison = torch.where(finite1, 1.0, float("nan")).to(grads[0].device)
             _foreach_by_device(grads, lambda gs, dev: torch._foreach_mul_(gs, poison.to(dev)))
+        self._opt_called = True  # what an LR scheduler attached to SAM checks for a step
         if scaler is not None:
             scaler.step(self.base_optimizer)
         else:
