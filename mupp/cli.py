@@ -174,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"mupp: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `mupp models | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
