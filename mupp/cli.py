@@ -8,7 +8,8 @@ import sys
 from collections.abc import Sequence
 
 
-def _floats(text: str) -> list[float]:
+def float_list(text: str) -> list[float]:
+    """argparse type: comma-separated numbers, fractions allowed (``-1,1/2,0.5``)."""
     try:
         return [float(eval_fraction(t)) for t in text.split(",") if t.strip()]
     except ValueError:
@@ -23,15 +24,6 @@ def eval_fraction(t: str) -> float:
         num, den = t.split("/", 1)
         return float(num) / float(den)
     return float(t)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
 
 
 # ------------------------------------------------------------------------------------ data
@@ -123,11 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     tsub = t.add_subparsers(dest="theory_cmd", metavar="ACTION")
     tc = tsub.add_parser("classify", help="stability, effective/vanishing layers (Sec. 4)")
-    tc.add_argument("--b", type=_floats, required=True, help="init exponents b_l, e.g. 0,0.5,1")
-    tc.add_argument("--c", type=_floats, required=True, help="lr exponents c_l, e.g. -1,0,1")
+    tc.add_argument("--b", type=float_list, required=True, help="init exponents b_l, e.g. 0,0.5,1")
+    tc.add_argument("--c", type=float_list, required=True, help="lr exponents c_l, e.g. -1,0,1")
     tc.add_argument(
         "--dl",
-        type=_floats,
+        type=float_list,
         required=True,
         help="layerwise perturbation exponents d_l (nan: not perturbed)",
     )

@@ -26,50 +26,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-
-
 def cmd_coordcheck(args: argparse.Namespace) -> int:
     import json
 
     from .diagnostics import coordcheck, format_tables, last_layer_equivalence, plot
 
-    if args.compare_last_layer:
-        res = last_layer_equivalence(
-            args.model,
-            args.widths,
-            base_width=args.base_width,
-            steps=args.steps,
-            seeds=args.seeds,
-            lr=args.lr,
-            rho=args.rho,
-            batch_size=args.batch_size,
-            dataset=args.dataset,
-            data_dir=args.data_dir,
-        )
-        print(
-            "μP-global SAM vs last-layer SAM (App. H.1): gap = ||f_SAM - f_LL|| / ||f_SAM - f_SGD||"
-        )
-        for w, g in zip(res["widths"], res["gap"]):
-            print(f"  width {w:>8g}: gap {g:.4f}")
-        print(f"  width exponent of the gap: {res['slope']:+.2f}")
-        return 0
     widths = [
         int(w) if float(w).is_integer() and args.model != "resnet" else w for w in args.widths
     ]
-    result = coordcheck(
-        args.model,
-        widths,
+    common = dict(
         base_width=args.base_width,
-        parameterization=args.parameterization,
-        variant=args.variant,
-        rule=args.rule,
         steps=args.steps,
         seeds=args.seeds,
         lr=args.lr,
@@ -77,6 +43,23 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         dataset=args.dataset,
         data_dir=args.data_dir,
+    )
+    if args.compare_last_layer:
+        res = last_layer_equivalence(args.model, widths, **common)
+        print(
+            "μP-global SAM vs last-layer SAM (App. H.1): gap = ||f_SAM - f_LL|| / ||f_SAM - f_SGD||"
+        )
+        for w, g in zip(res["widths"], res["gap"]):
+            print(f"  width {w:>8g}: gap {g:.4f}")
+        print(f"  width exponent of the gap: {res['slope']:+.2f}")
+        return 0
+    result = coordcheck(
+        args.model,
+        widths,
+        parameterization=args.parameterization,
+        variant=args.variant,
+        rule=args.rule,
+        **common,
     )
     print(format_tables(result))
     if args.json:
@@ -324,6 +307,8 @@ def _add_sweep_io(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .cli import float_list
+
     t = sub.add_parser("train", help="one training run from flags or a TOML/YAML config")
     t.add_argument("--config", default=None, help="TOML/YAML file (a [train] table or flat keys)")
     for name, (typ, hlp) in TRAIN_FLAGS.items():
@@ -391,7 +376,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("coordcheck", help="perturbation and update coordinate check across widths")
     c.add_argument("--model", default="mlp", choices=["mlp", "resnet", "vit"])
     add_sam_args(c)
-    c.add_argument("--widths", type=_float_list, default=[64, 128, 256, 512])
+    c.add_argument("--widths", type=float_list, default=[64, 128, 256, 512])
     c.add_argument("--base-width", type=float, default=None)
     c.add_argument("--steps", type=int, default=10)
     c.add_argument("--seeds", type=int, default=2)
