@@ -63,6 +63,8 @@ class TrainConfig:
     perturbation_sync: str = "sync"  # under torchrun: "sync" (global ε) or "local" (per worker)
 
     def validate(self) -> TrainConfig:
+        if self.data_dir is not None:  # one dataset, one identity, however the path was written
+            self.data_dir = str(Path(self.data_dir).expanduser().resolve())
         checks = {
             "model": (self.model, MODELS),
             "dataset": (self.dataset, data_mod.DATASETS),

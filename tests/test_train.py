@@ -124,3 +124,8 @@ def test_train_cli(tmp_path, capsys):
     assert "best test acc" in capsys.readouterr().out
     assert json.loads((tmp_path / "result.json").read_text())["config"]["train_subset"] == 256
     assert main(["train", "--dataset", "synthetic", "--optimizer", "lamb", "--no-progress"]) == 2
+
+
+def test_data_dir_is_stored_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig.from_dict(dict(BASE, data_dir="data")).data_dir == str(tmp_path / "data")
