@@ -194,6 +194,9 @@ def plot_sweep(rows: list[Mapping[str, Any]], prefix: str) -> list[str]:
             sgd = _optimum(cells, lambda rho: rho == 0)
             if sgd:
                 ax.axhline(sgd[1] * 100, ls="--", color=line.get_color(), lw=1)
+        if pos_rhos:
+            ax.set_xticks(pos_rhos, [f"{r:g}" for r in pos_rhos])
+            ax.minorticks_off()
         ax.set_xlabel("perturbation radius ρ")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{par}: slice at each width's best η (dashed: SGD, ρ=0)")
