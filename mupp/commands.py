@@ -227,10 +227,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _rows(args: argparse.Namespace) -> list[dict]:
+    from pathlib import Path
+
     from .analysis import rows_from_records
     from .sweep import load_results, storage_url
 
-    records = load_results(storage_url(args.out, args.storage))
+    if args.storage is None and not (Path(args.out) / "sweep.db").exists():
+        raise ValueError(
+            f"no sweep in {args.out}: expected {Path(args.out) / 'sweep.db'}, or pass --storage URL"
+        )
+    try:
+        records = load_results(storage_url(args.out, args.storage))
+    except KeyError:
+        raise ValueError(f"the storage for {args.out} holds no mupp sweep") from None
     if not records:
         raise ValueError(f"no finished runs in the sweep at {args.out}")
     return rows_from_records(records)

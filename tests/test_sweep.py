@@ -139,6 +139,7 @@ def test_sweep_plot_transfer_cli(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "transfer regret" in text and (tmp_path / "sweep_heatmaps.png").exists()
     assert main(["sweep", "--preset", "nope"]) == 2
+    assert main(["transfer", "--out", str(tmp_path / "nothing-here")]) == 2
     assert main(["sweep", "--grid", "lr=0.1", "--set", "lerning_rate=1", "--out", out]) == 2
 
 
