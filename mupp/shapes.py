@@ -20,7 +20,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -406,12 +406,6 @@ def require_info(p: torch.Tensor, where: str = "") -> WidthInfo:
     return info
 
 
-def with_role(info: WidthInfo, role: str) -> WidthInfo:
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {ROLES}; got {role!r}")
-    return replace(info, role=role)
-
-
 # ---------------------------------------------------------------------------------------------
 # describe and .bsh files
 # ---------------------------------------------------------------------------------------------
@@ -489,7 +483,3 @@ def load_base_shapes(path: str | os.PathLike) -> dict[str, tuple[int | None, ...
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a base-shapes file (expected a YAML mapping)")
     return {strip_prefixes(k): tuple(v) for k, v in data.items()}
-
-
-def infos(params: Iterable[torch.Tensor]) -> list[WidthInfo | None]:
-    return [get_info(p) for p in params]

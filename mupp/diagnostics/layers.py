@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -85,8 +84,3 @@ def spectral_scale(mod: nn.Module) -> float:
     """``sqrt(fan_out/fan_in)`` relative to base: the spectral condition's scale (Eq. (*))."""
     info = get_info(mod.weight)
     return (info.fan_out_mult / info.fan_in_mult) ** 0.5
-
-
-def forward_with(model: nn.Module, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return fn()

@@ -105,16 +105,19 @@ def mup_param_groups(
 
     def key(p: torch.Tensor, g: dict) -> tuple:
         if parameterization == "sp":
-            return (("lr_factor", 1.0),)
+            return (("lr_factor", 1.0), ("wd_factor", 1.0))
         info = require_info(p)
-        return (("lr_factor", scaling.lr_factor(info, kind, weight_multipliers)),)
+        return (
+            ("lr_factor", scaling.lr_factor(info, kind, weight_multipliers)),
+            ("wd_factor", scaling.weight_decay_factor(info, kind, weight_multipliers)),
+        )
 
     out = split_groups(groups, key)
     for g in out:
-        f = g["lr_factor"]
-        g["lr"] = g["lr"] * f
-        if scale_weight_decay and "weight_decay" in g and f != 1.0:
-            g["weight_decay"] = g["weight_decay"] / f
+        g["lr"] = g["lr"] * g["lr_factor"]
+        wd_factor = g.pop("wd_factor")
+        if scale_weight_decay and "weight_decay" in g and wd_factor != 1.0:
+            g["weight_decay"] = g["weight_decay"] * wd_factor
     return out
 
 
