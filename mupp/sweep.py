@@ -5,8 +5,11 @@ How a sweep stays exact:
 - the study is created with a :class:`optuna.samplers.GridSampler` over the grid, and every
   grid point that has no finished result is *enqueued* once by :func:`prepare` (run before any
   worker starts, and again on resume);
-- workers only pop enqueued trials (atomically, in the storage), so two workers never run the
-  same point; a popped trial sends heartbeats while it trains;
+- workers only pop enqueued trials, so two workers never run the same point.  PostgreSQL and
+  MySQL make the pop atomic with ``SELECT ... FOR UPDATE``; SQLite ignores that clause, so two
+  processes could both move the same WAITING trial to RUNNING (optuna/optuna#4002): on SQLite
+  the pop also holds a file lock beside the database (:func:`pop_lock`).  A popped trial sends
+  heartbeats while it trains;
 - a worker killed mid-trial leaves a RUNNING trial whose heartbeat stops; :func:`prepare` on
   resume marks it failed (Optuna's ``fail_stale_trials``) and enqueues its point again, and the
   run itself resumes from its last epoch checkpoint;
@@ -48,12 +51,32 @@ def make_storage(url: str):
         from optuna.storages.journal import JournalFileBackend
 
         return JournalStorage(JournalFileBackend(url[len("journal:") :]))
-    return optuna.storages.RDBStorage(
-        url,
-        heartbeat_interval=HEARTBEAT_INTERVAL,
-        grace_period=GRACE_PERIOD,
-        engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
-    )
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_INTERVAL,
+            grace_period=GRACE_PERIOD,
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
+        )
+
+
+def pop_lock(url: str):
+    """A cross-process lock that makes popping an enqueued trial atomic where the storage is not.
+
+    SQLite (one machine by construction) gets a :class:`filelock.FileLock` on ``<db>.pop.lock``;
+    every other storage is atomic by itself and gets a no-op context.
+    """
+    import contextlib
+
+    if url.startswith("sqlite"):
+        from filelock import FileLock  # a dependency of torch
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+        if database and database != ":memory:":
+            return FileLock(f"{database}.pop.lock", timeout=120)
+    return contextlib.nullcontext()
 
 
 def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -154,15 +177,16 @@ def _heartbeat(storage, trial_ids: list[int], stop: threading.Event) -> None:
             pass
 
 
-def _pop(study, storage, grid) -> tuple[Any, dict[str, Any]] | None:
-    """Pop one enqueued trial (atomically, in the storage); ``None`` when the queue is empty."""
+def _pop(study, storage, grid, lock) -> tuple[Any, dict[str, Any]] | None:
+    """Pop one enqueued trial under ``lock`` (:func:`pop_lock`); ``None`` when the queue is empty."""
     from optuna.trial import TrialState
 
-    if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        return None
-    with warnings.catch_warnings():  # we send the heartbeats ourselves
-        warnings.simplefilter("ignore", UserWarning)
-        trial = study.ask()
+    with lock:
+        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return None
+        with warnings.catch_warnings():  # we send the heartbeats ourselves
+            warnings.simplefilter("ignore", UserWarning)
+            trial = study.ask()
     fixed = storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
     if fixed is None:
         # another worker took the last queued point between our check and ask()
@@ -197,12 +221,13 @@ def worker(
 
     storage = make_storage(url)  # the raw storage: heartbeats go to it directly
     study = _study(url, None, create=False, storage=storage)
+    lock = pop_lock(url)
     base = dict(study.user_attrs["base_config"])
     grid = study.user_attrs["grid"]
     finished = 0
     carry = None  # a popped trial that starts the next group
     while max_trials is None or finished < max_trials:
-        first = carry if carry is not None else _pop(study, storage, grid)
+        first = carry if carry is not None else _pop(study, storage, grid, lock)
         carry = None
         if first is None:
             break
@@ -213,7 +238,7 @@ def worker(
             key0 = vectorized.group_key(cfg0)
             limit = group_size if max_trials is None else min(group_size, max_trials - finished)
             while len(popped) < limit:
-                nxt = _pop(study, storage, grid)
+                nxt = _pop(study, storage, grid, lock)
                 if nxt is None:
                     break
                 if vectorized.group_key({**base, **nxt[1]}) != key0:
@@ -248,12 +273,34 @@ def worker(
         if beat is not None:
             beat.join()
         for i, (trial, _) in enumerate(popped):
-            trial.set_user_attr("result", results[i])
-            trial.set_user_attr("diverged", results[i]["diverged"])
-            trial.set_user_attr("vectorized", len(group) > 1 and i in group)
-            study.tell(trial, results[i]["best_test_acc"])
-            finished += 1
+            if _record(study, trial, results[i], vectorized=len(group) > 1 and i in group):
+                finished += 1
     return finished
+
+
+def _record(study, trial, result: dict[str, Any], vectorized: bool) -> bool:
+    """Store a finished run on its trial; ``False`` when the trial was finished elsewhere.
+
+    That happens when :func:`prepare` (another ``mupp sweep`` started with ``--reclaim-running``,
+    or a heartbeat that stalled past the grace period) failed this trial as stale and queued its
+    point again: the re-queued trial resumes from the run's checkpoint, so nothing is lost.
+    """
+    import optuna
+
+    try:
+        trial.set_user_attr("result", result)
+        trial.set_user_attr("diverged", result["diverged"])
+        trial.set_user_attr("vectorized", vectorized)
+        study.tell(trial, result["best_test_acc"])
+    except optuna.exceptions.UpdateFinishedTrialError:
+        warnings.warn(
+            f"trial {trial.number} was finished by another process (failed as stale); its point "
+            "was queued again and will resume from its checkpoint",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
 
 
 def _worker_entry(url: str, out_dir: str, threads: int, vectorize: bool | None) -> None:

@@ -1,9 +1,11 @@
 """Sweeps on Optuna storage: exactly-once with two workers, SIGKILL + resume, analysis, plots."""
 
+import json
 import multiprocessing as mp
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -167,3 +169,53 @@ def test_vectorized_sweep_matches_one_by_one(tmp_path):
             continue
         for a, b in zip(r["result"]["history"], s["history"]):
             assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-3, abs=1e-4)
+
+
+def _pop_all(url, out_path, use_lock):
+    import contextlib
+
+    storage = sweep.make_storage(url)
+    study = sweep._study(url, None, create=False, storage=storage)
+    grid = study.user_attrs["grid"]
+    lock = sweep.pop_lock(url) if use_lock else contextlib.nullcontext()
+    got = []
+    while (popped := sweep._pop(study, storage, grid, lock)) is not None:
+        got.append(popped[0].number)
+    Path(out_path).write_text(json.dumps(got))
+
+
+def _race_pops(tmp_path, use_lock, procs=4, points=48):
+    url = sweep.storage_url(tmp_path)
+    sweep.prepare(url, {"lr": [0.01 * (i + 1) for i in range(points)]}, BASE)
+    ctx = mp.get_context("spawn")
+    outs = [tmp_path / f"popped{i}.json" for i in range(procs)]
+    ps = [ctx.Process(target=_pop_all, args=(url, str(o), use_lock)) for o in outs]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join()
+    assert [p.exitcode for p in ps] == [0] * procs
+    return [n for o in outs for n in json.loads(o.read_text())]
+
+
+def test_concurrent_pops_on_sqlite_never_hand_out_a_trial_twice(tmp_path):
+    # SQLite ignores SELECT ... FOR UPDATE: without pop_lock, processes racing on the queue can
+    # move the same WAITING trial to RUNNING (optuna/optuna#4002; this broke a CI run of ours)
+    popped = _race_pops(tmp_path, use_lock=True)
+    assert sorted(popped) == list(range(48))
+
+
+def test_a_result_for_a_trial_failed_elsewhere_warns_and_is_not_counted(tmp_path):
+    from optuna.trial import TrialState
+
+    url = sweep.storage_url(tmp_path)
+    sweep.prepare(url, {"lr": [0.05]}, BASE)
+    storage = sweep.make_storage(url)
+    study = sweep._study(url, None, create=False, storage=storage)
+    trial, params = sweep._pop(study, storage, study.user_attrs["grid"], sweep.pop_lock(url))
+    assert params == {"lr": 0.05}
+    storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)  # reclaimed as stale
+    result = {"best_test_acc": 0.5, "diverged": False}
+    with pytest.warns(RuntimeWarning, match="finished by another process"):
+        assert sweep._record(study, trial, result, vectorized=False) is False
+    assert storage.get_trial(trial._trial_id).state == TrialState.FAIL
