@@ -158,6 +158,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def preset_names() -> list[str]:
+    """The experiments shipped in ``mupp/presets``."""
+    from importlib import resources
+
+    folder = resources.files("mupp") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
 def load_preset(name: str) -> dict:
     from importlib import resources
 
@@ -165,12 +173,7 @@ def load_preset(name: str) -> dict:
 
     path = resources.files("mupp") / "presets" / f"{name}.toml"
     if not path.is_file():
-        names = sorted(
-            p.name[:-5]
-            for p in (resources.files("mupp") / "presets").iterdir()
-            if p.name.endswith(".toml")
-        )
-        raise ValueError(f"preset must be one of {names}; got {name!r}")
+        raise ValueError(f"preset must be one of {preset_names()}; got {name!r}")
     return load_config_file(str(path))
 
 
@@ -342,7 +345,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--preset",
         default=None,
-        help="mlp-cifar10 | mlp-cifar10-quick | resnet18-cifar10 | resnet-cifar10-quick | vit-cifar100",
+        help="a built-in experiment: " + " | ".join(preset_names()),
     )
     s.add_argument("--config", default=None, help="TOML/YAML with [train] and [grid] tables")
     s.add_argument(

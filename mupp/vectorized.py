@@ -6,7 +6,16 @@ SAM norms are its own.  The per-parameter factors (μP learning rates, perturbat
 denominator) are read from a :class:`mupp.SAM` built on the template model, so the scaling is
 decided in one place.  The update replicates ``torch.optim.SGD`` (momentum, dampening 0,
 Nesterov, coupled weight decay) and ``LambdaLR``; a configuration whose gradient is non-finite
-skips that step, as :class:`mupp.SAM` does.  Results equal sequential :func:`mupp.train.train`
+skips that step, as :class:`mupp.SAM` does.  The SAM scales come from
+:func:`mupp.optim.perturbation.scales`, the function :class:`mupp.SAM` uses.
+
+The first layer, whose input all configurations share, is where the cost lies (d_in = 3072 on
+CIFAR).  Its gradient ``g_k = δ_k^T x`` (``δ_k = ∂L_k/∂(x W_k^T)``) has rank ≤ batch size, so
+SAM's ascent never materializes it: ``||g_k||² = <δ_k, G δ_k>`` and the perturbed product
+``x (W_k + s_k g_k)^T = x W_k^T + s_k G δ_k`` follow from the batch's Gram matrix ``G = x x^T``.
+Per step that leaves two GEMMs over the stacked first-layer weights (forward, and the descent
+gradient accumulated straight into the momentum buffer) where sequential SAM runs do four, and
+no parameter-sized ε at all for that layer.  Results equal sequential :func:`mupp.train.train`
 runs to float tolerance (batched matmuls sum in another order).  No checkpoints: a killed group
 re-runs from the start.
 """
@@ -23,6 +32,7 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from .optim import SAM
+from .optim.perturbation import scales
 from .train import TrainConfig, _lr_lambda, _make_model, _subset, epoch_batches, summarize
 
 VARYING = ("lr", "rho")
@@ -106,35 +116,51 @@ def train_group(
     rhos = torch.tensor([c.rho for c in cfgs], device=dev)
     use_sam = rhos > 0
 
-    def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """The MLP's forward for all K configurations at once: (B, d_in) -> (K, B, d_out)."""
-        h = None
-        for i, layer in enumerate(model.layers):
-            w = params[f"layers.{i}.weight"]  # (K, out, in)
-            if i == 0:  # the shared input: one GEMM against all K weight matrices
-                h = (x @ w.reshape(-1, w.shape[-1]).T).view(x.shape[0], K, -1).transpose(0, 1)
-            else:
-                h = torch.bmm(model.act(h), w.transpose(1, 2))
-            if layer.bias is not None:
+    first = names[0]  # "layers.0.weight": the only parameter that sees the shared input
+    if first != "layers.0.weight":
+        raise ValueError(f"unexpected MLP parameter order: {names}")
+    rest = names[1:]
+    d_in = theta[first].shape[-1]
+    pert_rest = [n for n in rest if pert[n]]
+    pert_names = ([first] if pert[first] else []) + pert_rest
+    num_t = torch.tensor([num[n] for n in pert_names], device=dev).unsqueeze(1)
+    den_t = torch.tensor([den[n] for n in pert_names], device=dev).unsqueeze(1)
+
+    def first_layer(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``x W_k^T`` for every configuration, as one GEMM: (B, d_in) -> (K, B, n)."""
+        return (x @ w.reshape(-1, w.shape[-1]).T).view(x.shape[0], K, -1).transpose(0, 1)
+
+    def head(params: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        """The MLP's forward from the first layer's product ``z = x W_1^T``: -> (K, B, d_out)."""
+        h = z
+        if model.layers[0].bias is not None:
+            h = h + params["layers.0.bias"].unsqueeze(1)
+        h = h * model.input_mult
+        for i in range(1, len(model.layers)):
+            h = torch.bmm(model.act(h), params[f"layers.{i}.weight"].transpose(1, 2))
+            if model.layers[i].bias is not None:
                 h = h + params[f"layers.{i}.bias"].unsqueeze(1)
-            if i == 0:
-                h = h * model.input_mult
         return h * model.output_mult
 
-    def vgrad(params, x, y):
-        """Per-configuration gradients (the configurations are independent, so the gradient
-        of the summed loss is each configuration's own), losses and logits."""
-        leaves = {n: t.detach().requires_grad_(True) for n, t in params.items()}
-        logits = forward(leaves, x)
-        losses = torch.stack(
-            [F.cross_entropy(logits[k], y, label_smoothing=cfg0.label_smoothing) for k in range(K)]
-        )
-        grads = torch.autograd.grad(losses.sum(), [leaves[n] for n in names])
-        return dict(zip(names, grads)), (losses.detach(), logits.detach())
-
-    def vforward(params, x):
-        with torch.no_grad():
-            return forward(params, x)
+    def vgrad(params, z, y):
+        """Gradients of every configuration's loss (they are independent, so the gradient of
+        the summed loss is each one's own) with respect to the parameters after the first
+        layer and to ``z``; the first layer's weight gradient is ``δ_k^T x`` with ``δ = ∂L/∂z``."""
+        leaves = {n: params[n].detach().requires_grad_(True) for n in rest}
+        z = z.detach().requires_grad_(True)
+        logits = head(leaves, z)
+        losses = (
+            F.cross_entropy(
+                logits.flatten(0, 1),
+                y.repeat(K),
+                label_smoothing=cfg0.label_smoothing,
+                reduction="none",
+            )
+            .view(K, -1)
+            .mean(1)
+        )  # each configuration's mean loss, in one kernel
+        grads = torch.autograd.grad(losses.sum(), [z] + [leaves[n] for n in rest])
+        return grads[0], dict(zip(rest, grads[1:])), losses.detach(), logits.detach()
 
     steps_per_epoch = len(train_split) // cfg0.batch_size
     if steps_per_epoch < 1:
@@ -147,6 +173,7 @@ def train_group(
     step = 0
     t_start = time.perf_counter()
     exact_mask = ds.test_exact[: len(test_split)] if ds.test_exact is not None else None
+    fused_first = bool(cfg0.momentum) and not cfg0.nesterov
 
     def shaped(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return v.view(K, *([1] * (t.ndim - 1)))
@@ -159,24 +186,32 @@ def train_group(
         correct = torch.zeros(K, device=dev)
         seen = 0
         for x, y in it:
-            g1, (loss, logits) = vgrad(theta, x, y)
-            loss_sum += loss.detach() * len(y)
+            z = first_layer(theta[first], x)
+            delta, g1, loss, logits = vgrad(theta, z, y)
+            loss_sum += loss * len(y)
             correct += (logits.argmax(-1) == y).sum(-1).float()
             seen += len(y)
-            gsq = {n: g1[n].pow(2).flatten(1).sum(1) for n in names}
-            finite1 = torch.stack([torch.isfinite(gsq[n]) for n in names]).all(0)
+            # The first layer never materializes its gradient δ^T x (K copies of n x d_in):
+            # ||δ_k^T x||_F^2 = <δ_k, G δ_k> and x (W_k + s_k δ_k^T x)^T = z_k + s_k G δ_k,
+            # with the batch's Gram matrix G = x x^T shared by all configurations.
+            gram_delta = torch.matmul(x @ x.T, delta)
+            sq = {first: (delta * gram_delta).sum((1, 2))}
+            sq.update({n: g1[n].pow(2).flatten(1).sum(1) for n in rest})
+            finite1 = torch.isfinite(torch.stack(list(sq.values()))).all(0)
             if use_sam.any():
-                eps = _perturbation(cfg0.rule, names, g1, gsq, num, den, pert, rhos, 1e-12)
-                if not bool(finite1.all()):  # a non-finite ascent gradient: no perturbation
-                    eps = {
-                        n: torch.where(shaped(finite1, e), e, torch.zeros_like(e))
-                        for n, e in eps.items()
-                    }
-                # rho = 0 gives ε = 0, so its second gradient is its first
-                g, _ = vgrad({n: theta[n] + eps[n] for n in names}, x, y)
-                finite2 = torch.stack([torch.isfinite(g[n]).flatten(1).all(1) for n in names]).all(
-                    0
-                )
+                norms = torch.stack([sq[n] for n in pert_names]).sqrt()
+                s, _ = scales(cfg0.rule, norms, num_t, den_t, rhos.unsqueeze(0), 1e-12)
+                s = dict(zip(pert_names, s))
+                # rho = 0 gives s = 0, so its second gradient is its first
+                z2 = z + shaped(s[first], z) * gram_delta if first in s else z
+                perturbed = {
+                    n: theta[n] + shaped(s[n], g1[n]) * g1[n] if n in s else theta[n] for n in rest
+                }
+                delta, g, _, _ = vgrad(perturbed, z2, y)
+                finite2 = torch.stack(
+                    [torch.isfinite(delta).flatten(1).all(1)]
+                    + [torch.isfinite(g[n]).flatten(1).all(1) for n in rest]
+                ).all(0)
                 # SAM skips non-finite steps; the plain base optimizer (rho = 0) does not
                 ok = torch.where(use_sam, finite1 & finite2, torch.ones_like(finite1))
             else:
@@ -185,7 +220,20 @@ def train_group(
             all_ok = bool(ok.all())  # the common case updates in place, without masks
             factor = lam(step)
             for n in names:
-                d_p = g[n]
+                step_lr = shaped(lrs * (lr_fac[n] * factor), theta[n])
+                if n == first and fused_first and all_ok:
+                    # torch.optim.SGD's momentum step with the gradient GEMM accumulating
+                    # straight into the buffer: buf = μ buf + δ^T x (+ wd W); W -= lr buf
+                    if bufs[n] is None:
+                        bufs[n] = torch.zeros_like(theta[n])
+                    bufs[n].view(-1, d_in).addmm_(
+                        delta.transpose(1, 2).reshape(-1, x.shape[0]), x, beta=cfg0.momentum
+                    )
+                    if wd[n]:
+                        bufs[n].add_(theta[n], alpha=wd[n])
+                    theta[n].addcmul_(bufs[n], step_lr, value=-1.0)
+                    continue
+                d_p = torch.matmul(delta.transpose(1, 2), x) if n == first else g[n]
                 if wd[n]:
                     d_p = d_p.add(theta[n], alpha=wd[n])
                 if cfg0.momentum:
@@ -199,7 +247,6 @@ def train_group(
                         new_buf = bufs[n] * cfg0.momentum + d_p
                         bufs[n] = torch.where(shaped(ok, new_buf), new_buf, bufs[n])
                     d_p = d_p.add(bufs[n], alpha=cfg0.momentum) if cfg0.nesterov else bufs[n]
-                step_lr = shaped(lrs * (lr_fac[n] * factor), d_p)
                 if all_ok:
                     theta[n].addcmul_(d_p, step_lr, value=-1.0)
                 else:
@@ -208,7 +255,7 @@ def train_group(
         # evaluation, one record per configuration
         with torch.no_grad():
             outs = [
-                vforward(theta, xb)
+                head(theta, first_layer(theta[first], xb))
                 for xb, _ in data_mod.batches(
                     test_split, 500, shuffle=False, name=ds.name, flatten=True, device=dev
                 )
@@ -241,34 +288,3 @@ def train_group(
             histories[k].append(rec)
     elapsed = (time.perf_counter() - t_start) / K  # amortized
     return [summarize(c, h, elapsed) for c, h in zip(cfgs, histories)]
-
-
-def _perturbation(rule, names, g, gsq, num, den, pert, rhos, template_eps):
-    # (mirrors mupp.optim.perturbation.perturb_ for u = g, batched over configurations)
-    """ε per configuration for the gradient-direction variants (see mupp.optim.perturbation)."""
-    K = rhos.shape[0]
-
-    def shaped(v, t):
-        return v.view(K, *([1] * (t.ndim - 1)))
-
-    zero = {n: torch.zeros_like(g[n]) for n in names if not pert[n]}
-    eps = {}
-    if rule in ("LP", "DP"):
-        total = torch.sqrt(sum(den[n] ** 2 * gsq[n] for n in names if pert[n]))
-        for n in names:
-            eps[n] = (
-                zero[n]
-                if not pert[n]
-                else shaped(rhos * num[n] / (total + template_eps), g[n]) * g[n]
-            )
-    elif rule == "LN":
-        for n in names:
-            eps[n] = (
-                zero[n]
-                if not pert[n]
-                else shaped(rhos * num[n] / (gsq[n].sqrt() + template_eps), g[n]) * g[n]
-            )
-    else:
-        for n in names:
-            eps[n] = zero[n] if not pert[n] else shaped(rhos * num[n], g[n]) * g[n]
-    return eps

@@ -26,6 +26,7 @@ BASE = dict(
         dict(rule="LN", parameterization="mup-global"),
         dict(variant="last-layer", model_kwargs={"bias": True}),
         dict(rule="unnormalized", parameterization="sp", label_smoothing=0.1),
+        dict(variant="first-layer", rule="LN", momentum=0.0),
     ],
 )
 def test_group_equals_sequential_runs(extra):
@@ -50,3 +51,12 @@ def test_grouping_rules():
     assert not supports(dict(a, variant="asam-elem"))
     with pytest.raises(ValueError, match="differ only in"):
         train_group([a, dict(a, width=64)], DS)
+
+
+def test_a_diverging_configuration_does_not_disturb_the_others():
+    cfgs = [dict(BASE, lr=lr, rho=0.05) for lr in (0.05, 1e4)]
+    vec = train_group(cfgs, DS)
+    seq = [train(c, progress=False, dataset=DS, log=None) for c in cfgs]
+    assert [v["diverged"] for v in vec] == [s["diverged"] for s in seq] == [False, True]
+    for a, b in zip(vec[0]["history"], seq[0]["history"]):
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-3)

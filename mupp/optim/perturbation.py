@@ -138,6 +138,36 @@ def _directions(
     return grads, list(gnorms), inplace
 
 
+def scales(
+    rule: str,
+    norms: torch.Tensor,
+    num: torch.Tensor,
+    den: torch.Tensor,
+    rho: torch.Tensor,
+    eps: float = 1e-12,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scalar ``s_l`` with ``ε_l = s_l · u_l``: the normalization of each rule.
+
+    ``norms`` holds the norm terms ``t_l`` along dim 0 (one row per tensor; further dims are
+    independent problems, e.g. the configurations of a vectorized sweep); ``num``, ``den`` and
+    ``rho`` broadcast against it.  ``LP``/``DP``: ``ρ num_l / sqrt(Σ_k den_k² t_k²)`` (Def. 4,
+    Remark F.4); ``LN``: ``ρ num_l / t_l`` (Remark F.2); ``unnormalized``: ``ρ num_l``
+    (App. F.3).  Returns ``(s, finite)``: where a norm term is not finite, that problem's
+    scales are zero and ``finite`` (shape ``norms.shape[1:]``) is ``False``.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+    finite = torch.isfinite(norms).all(0)
+    if rule in ("LP", "DP"):
+        total = (den * norms).square().sum(0).sqrt()
+        s = rho * num / (total + eps)
+    elif rule == "LN":
+        s = rho * num / (norms + eps)
+    else:
+        s = (rho * num).expand_as(norms)
+    return torch.where(finite, s, torch.zeros_like(s)), finite
+
+
 def perturb_(
     bucket_list: list[Bucket],
     *,
@@ -159,25 +189,20 @@ def perturb_(
         return [], [], None
     dirs = [_directions(b, variant, ascent_weight_decay, inplace) for b in bucket_list]
     dev = bucket_list[0].params[0].device
-    flat = torch.stack([t.float().to(dev, non_blocking=True) for _, ts, _ in dirs for t in ts])
-    finite = torch.isfinite(flat).all()
-    if rule in ("LP", "DP"):
-        sizes = [len(ts) for _, ts, _ in dirs]
-        parts = flat.square().split(sizes)
-        total = sum(part.sum() * (b.den**2) for b, part in zip(bucket_list, parts)).sqrt()
+    norms = torch.stack([t.float().to(dev, non_blocking=True) for _, ts, _ in dirs for t in ts])
+
+    def per_tensor(attr: str) -> torch.Tensor:
+        values = [getattr(b, attr) for b, (_, ts, _) in zip(bucket_list, dirs) for _ in ts]
+        return torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True)
+
+    s, finite = scales(rule, norms, per_tensor("num"), per_tensor("den"), per_tensor("rho"), eps)
+    s = s.unbind()
     all_params, all_eps = [], []
-    zero = torch.zeros((), device=dev)
+    i = 0
     for b, (u, ts, owned) in zip(bucket_list, dirs):
         dtype = b.params[0].dtype
-        if rule in ("LP", "DP"):
-            scale = torch.where(finite, (b.rho * b.num) / (total + eps), zero).to(dtype)
-        elif rule == "LN":
-            norms = torch.stack([t.float().to(dev) for t in ts])
-            scale = list(
-                torch.where(finite, (b.rho * b.num) / (norms + eps), zero).to(dtype).unbind()
-            )
-        else:
-            scale = torch.where(finite, zero + b.rho * b.num, zero).to(dtype)
+        scale = [t.to(dtype) for t in s[i : i + len(ts)]]
+        i += len(ts)
         if owned:
             torch._foreach_mul_(u, scale)
         else:
