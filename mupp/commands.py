@@ -72,6 +72,22 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from .diagnostics.statistics import format_statistics, run_statistics
+
+    results = [
+        run_statistics(r, data_dir=args.data_dir, probe_size=args.probe_size) for r in args.runs
+    ]
+    print(format_statistics(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def add_sam_args(p: argparse.ArgumentParser) -> None:
     """The SAM options shared by coordcheck, train and sweep."""
     from .optim.groups import PARAMETERIZATIONS
@@ -405,6 +421,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="instead: how far μP-global SAM is from last-layer SAM, relative to SGD, per width",
     )
     c.set_defaults(func=cmd_coordcheck)
+
+    st = sub.add_parser(
+        "stats", help="Fig. H.1 statistics of finished runs (perturbations, updates, Hessian)"
+    )
+    st.add_argument("runs", nargs="+", help="run directories (with checkpoint.pt)")
+    st.add_argument("--data-dir", default=None, help="dataset location (default: the run's)")
+    st.add_argument("--probe-size", type=int, default=512, help="training images in the probe")
+    st.add_argument("--json", default=None, help="write the statistics as JSON")
+    st.set_defaults(func=cmd_stats)
 
     m = sub.add_parser("models", help="list the models with parameter counts at given widths")
     m.add_argument("--widths", type=lambda s: [float(x) for x in s.split(",")], default=None)

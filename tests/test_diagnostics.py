@@ -154,3 +154,37 @@ def test_global_sam_approaches_last_layer_sam_with_width(capsys):
         == 0
     )
     assert "gap" in capsys.readouterr().out
+
+
+def test_run_statistics_of_trained_runs(tmp_path, capsys):
+    from mupp import data
+    from mupp.diagnostics.statistics import run_statistics
+    from mupp.train import train
+
+    ds = data.synthetic(256, 64, seed=1)
+    base = dict(dataset="synthetic", width=32, base_width=16, epochs=1, batch_size=64, lr=0.05)
+    # SP has no perturbation scaling (num = den = 1): with only the readout perturbed, Def. 4's
+    # joint normalization makes ||ε_out||_F exactly rho
+    train(dict(base, parameterization="sp", variant="last-layer", rho=0.3), tmp_path / "ll",
+          progress=False, dataset=ds, log=None)  # fmt: skip
+    train(dict(base, rho=0.0), tmp_path / "sgd", progress=False, dataset=ds, log=None)
+    ll = run_statistics(tmp_path / "ll", dataset=ds, probe_size=128)
+    assert ll["layers"]["pert_norm"]["layers.2"] == pytest.approx(0.3, rel=1e-5)
+    assert ll["layers"]["pert_norm"]["layers.0"] == ll["layers"]["pert_norm"]["layers.1"] == 0.0
+    ranks = ll["layers"]["feature_rank"]
+    assert 1 <= ranks["layers.1"] <= 32 and 1 <= ranks["layers.2"] <= 10
+    assert all(v > 0 for v in ll["layers"]["update_spec"].values())
+    assert ll["model"]["hessian_top"] > 0 and ll["model"]["grad_norm"] > 0
+    sgd = run_statistics(tmp_path / "sgd", dataset=ds, probe_size=128)
+    assert set(sgd["layers"]["pert_norm"].values()) == {0.0}
+    # the initial weights are rebuilt from the run's seed: a run that barely moved shows ~0
+    train(dict(base, lr=1e-9, rho=0.0), tmp_path / "still", progress=False, dataset=ds, log=None)
+    still = run_statistics(tmp_path / "still", dataset=ds, probe_size=128)
+    assert max(still["layers"]["update_spec"].values()) < 1e-6
+    with pytest.raises(FileNotFoundError, match="run_dir .* has no checkpoint.pt"):
+        run_statistics(tmp_path, dataset=ds)
+    with pytest.raises(ValueError, match="probe_size must be >= 2"):
+        run_statistics(tmp_path / "ll", dataset=ds, probe_size=1)
+    assert main(["stats", str(tmp_path / "ll"), "--probe-size", "64", "--json", str(tmp_path / "s.json")]) == 0  # fmt: skip
+    assert "pert_norm" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s.json").read_text())[0]["config"]["variant"] == "last-layer"
