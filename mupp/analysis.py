@@ -10,14 +10,21 @@ from typing import Any
 
 
 def rows_from_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Flatten sweep records (``params`` + ``result``) into one row per run."""
+    """Flatten sweep records (``params`` + ``result``) into one row per run.
+
+    ``setting`` names what a transfer table compares: the parameterization, with the SAM
+    variant appended when it is not plain SAM (``"mupp/sam-on"``).
+    """
     rows = []
     for r in records:
         cfg = dict(r["result"]["config"])
         cfg.update(r.get("params", {}))
+        variant = cfg.get("variant", "sam")
         rows.append(
             {
+                "setting": cfg["parameterization"] + ("" if variant == "sam" else f"/{variant}"),
                 "parameterization": cfg["parameterization"],
+                "variant": variant,
                 "width": cfg["width"],
                 "lr": cfg["lr"],
                 "rho": cfg["rho"],
@@ -31,20 +38,26 @@ def rows_from_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, An
 
 
 def aggregate(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[tuple, dict[str, float]]]:
-    """``{(parameterization, width): {(lr, rho): {"acc": mean, "diverged": fraction, "n": k}}}``."""
+    """``{(setting, width): {(lr, rho): cell}}``; a cell holds the mean ``acc`` over seeds, its
+    standard deviation ``acc_std``, the mean ``acc_exact`` (``None`` unless every run has it),
+    the ``diverged`` fraction and the number of runs ``n``."""
     cells: dict[tuple, dict[tuple, list]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        cells[(r["parameterization"], r["width"])][(r["lr"], r["rho"])].append(r)
+        cells[(r.get("setting", r["parameterization"]), r["width"])][(r["lr"], r["rho"])].append(r)
     out: dict[tuple, dict[tuple, dict[str, float]]] = {}
     for key, grid in cells.items():
-        out[key] = {
-            lr_rho: {
-                "acc": sum(x["acc"] for x in runs) / len(runs),
+        out[key] = {}
+        for lr_rho, runs in grid.items():
+            accs = [x["acc"] for x in runs]
+            mean = sum(accs) / len(accs)
+            exact = [x.get("acc_exact") for x in runs]
+            out[key][lr_rho] = {
+                "acc": mean,
+                "acc_std": math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs)),
+                "acc_exact": None if None in exact else sum(exact) / len(exact),
                 "diverged": sum(x["diverged"] for x in runs) / len(runs),
                 "n": len(runs),
             }
-            for lr_rho, runs in grid.items()
-        }
     return out
 
 
@@ -81,6 +94,9 @@ def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
                 "lr": opt[0][0],
                 "rho": opt[0][1],
                 "acc": opt[1],
+                "acc_std": cells[opt[0]]["acc_std"],
+                "acc_exact": cells[opt[0]]["acc_exact"],
+                "seeds": cells[opt[0]]["n"],
                 "sgd_acc": sgd[1] if sgd else None,
                 "sam_gain": (sam[1] - sgd[1]) if (sam and sgd) else None,
             }
@@ -102,14 +118,17 @@ def format_transfer(summary: Mapping[str, Any]) -> str:
     for par, s in summary["parameterizations"].items():
         lines.append(f"{par}")
         lines.append(
-            f"  {'width':>8} {'best lr':>9} {'best rho':>9} {'test acc':>9} {'SGD acc':>9} {'SAM gain':>9}"
+            f"  {'width':>8} {'best lr':>9} {'best rho':>9} {'test acc':>16} {'exact 1k':>9}"
+            f" {'SGD acc':>9} {'SAM gain':>9}"
         )
         for w in s["widths"]:
             o = s["optimum"][w]
             sgd = "-" if o["sgd_acc"] is None else f"{o['sgd_acc']:.4f}"
             gain = "-" if o["sam_gain"] is None else f"{o['sam_gain']:+.4f}"
+            acc = f"{o['acc']:.4f}±{o['acc_std']:.4f}" if o["seeds"] > 1 else f"{o['acc']:.4f}"
+            exact = "-" if o["acc_exact"] is None else f"{o['acc_exact']:.4f}"
             lines.append(
-                f"  {w:>8g} {o['lr']:>9.4g} {o['rho']:>9.4g} {o['acc']:>9.4f} {sgd:>9} {gain:>9}"
+                f"  {w:>8g} {o['lr']:>9.4g} {o['rho']:>9.4g} {acc:>16} {exact:>9} {sgd:>9} {gain:>9}"
             )
         regret = "-" if s["transfer_regret"] is None else f"{s['transfer_regret']:.4f}"
         lines.append(

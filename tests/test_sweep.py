@@ -79,9 +79,12 @@ def test_sigkill_mid_trial_then_resume_loses_and_duplicates_nothing(tmp_path):
     assert len(resumed["result"]["history"]) == 40
 
 
-def record(par, width, lr, rho, acc, diverged=False, seed=0):
-    cfg = dict(parameterization=par, width=width, lr=lr, rho=rho, seed=seed)
-    return {"params": {}, "result": {"config": cfg, "best_test_acc": acc, "diverged": diverged}}
+def record(par, width, lr, rho, acc, diverged=False, seed=0, variant="sam", exact=None):
+    cfg = dict(parameterization=par, width=width, lr=lr, rho=rho, seed=seed, variant=variant)
+    result = {"config": cfg, "best_test_acc": acc, "diverged": diverged}
+    if exact is not None:
+        result["test_acc_exact"] = exact
+    return {"params": {}, "result": result}
 
 
 def test_transfer_summary_on_a_hand_made_table():
@@ -89,19 +92,28 @@ def test_transfer_summary_on_a_hand_made_table():
     accs_small = {(0.1, 0.0): 0.50, (0.1, 0.1): 0.55, (0.2, 0.0): 0.52, (0.2, 0.1): 0.53}
     accs_large = {(0.1, 0.0): 0.60, (0.1, 0.1): 0.62, (0.2, 0.0): 0.61, (0.2, 0.1): 0.66}
     for (lr, rho), a in accs_small.items():
-        recs.append(record("mupp", 64, lr, rho, a))
+        recs.append(record("mupp", 64, lr, rho, a, exact=a + 0.1))
     for (lr, rho), a in accs_large.items():
         recs.append(record("mupp", 1024, lr, rho, a))
     recs.append(record("mupp", 1024, 0.2, 0.1, 0.64, seed=1))  # averaged with 0.66 -> 0.65
-    s = transfer_summary(rows_from_records(recs))["parameterizations"]["mupp"]
+    # another variant is another setting, never averaged into plain SAM's cells
+    recs.append(record("mupp", 64, 0.1, 0.1, 0.99, variant="sam-on"))
+    summary = transfer_summary(rows_from_records(recs))["parameterizations"]
+    assert set(summary) == {"mupp", "mupp/sam-on"}
+    s = summary["mupp"]
     assert s["optimum"][64] == {
         "lr": 0.1,
         "rho": 0.1,
         "acc": 0.55,
+        "acc_std": 0.0,
+        "acc_exact": pytest.approx(0.65),
+        "seeds": 1,
         "sgd_acc": 0.52,
         "sam_gain": pytest.approx(0.03),
     }
-    assert s["optimum"][1024]["lr"] == 0.2 and s["optimum"][1024]["acc"] == pytest.approx(0.65)
+    big = s["optimum"][1024]
+    assert big["lr"] == 0.2 and big["acc"] == pytest.approx(0.65)
+    assert big["acc_std"] == pytest.approx(0.01) and big["seeds"] == 2 and big["acc_exact"] is None
     assert s["shift_lr_steps"] == 1 and s["shift_rho_steps"] == 0
     assert s["transfer_acc"] == 0.62 and s["transfer_regret"] == pytest.approx(0.03)
     assert s["optimum"][1024]["sam_gain"] == pytest.approx(0.65 - 0.61)
