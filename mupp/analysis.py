@@ -8,6 +8,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from . import confidence
+
 
 def rows_from_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Flatten sweep records (``params`` + ``result``) into one row per run.
@@ -15,10 +17,12 @@ def rows_from_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, An
     ``setting`` names what a transfer table compares: the parameterization, with the SAM
     variant appended when it is not plain SAM (``"mupp/sam-on"``).
     """
+    from .sweep import expand_point
+
     rows = []
     for r in records:
         cfg = dict(r["result"]["config"])
-        cfg.update(r.get("params", {}))
+        cfg.update(expand_point(r.get("params", {})))
         variant = cfg.get("variant", "sam")
         rows.append(
             {
@@ -37,14 +41,15 @@ def rows_from_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, An
     return rows
 
 
-def aggregate(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[tuple, dict[str, float]]]:
+def aggregate(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[tuple, dict[str, Any]]]:
     """``{(setting, width): {(lr, rho): cell}}``; a cell holds the mean ``acc`` over seeds, its
-    standard deviation ``acc_std``, the mean ``acc_exact`` (``None`` unless every run has it),
-    the ``diverged`` fraction and the number of runs ``n``."""
+    standard deviation ``acc_std``, the half-width ``acc_ci`` of its 95% t-interval (``nan``
+    with one seed), the accuracy ``by_seed``, the mean ``acc_exact`` (``None`` unless every run
+    has it), the ``diverged`` fraction and the number of runs ``n``."""
     cells: dict[tuple, dict[tuple, list]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         cells[(r.get("setting", r["parameterization"]), r["width"])][(r["lr"], r["rho"])].append(r)
-    out: dict[tuple, dict[tuple, dict[str, float]]] = {}
+    out: dict[tuple, dict[tuple, dict[str, Any]]] = {}
     for key, grid in cells.items():
         out[key] = {}
         for lr_rho, runs in grid.items():
@@ -54,6 +59,8 @@ def aggregate(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[tuple, dict
             out[key][lr_rho] = {
                 "acc": mean,
                 "acc_std": math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs)),
+                "acc_ci": confidence.interval(accs)["half_width"],
+                "by_seed": {x.get("seed", 0): x["acc"] for x in runs},
                 "acc_exact": None if None in exact else sum(exact) / len(exact),
                 "diverged": sum(x["diverged"] for x in runs) / len(runs),
                 "n": len(runs),
@@ -62,7 +69,7 @@ def aggregate(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[tuple, dict
 
 
 def _optimum(
-    cells: Mapping[tuple, Mapping[str, float]], rho_filter=None
+    cells: Mapping[tuple, Mapping[str, Any]], rho_filter=None
 ) -> tuple[tuple, float] | None:
     best = None
     for (lr, rho), v in cells.items():
@@ -73,15 +80,51 @@ def _optimum(
     return best
 
 
+def tied_with_best(cells: Mapping[tuple, Mapping[str, Any]], best: tuple) -> list[tuple] | None:
+    """The cells whose accuracy is statistically tied with cell ``best``: the 95% interval of
+    the per-seed difference ``best - cell`` contains zero.  ``None`` when fewer than two seeds
+    make the test impossible."""
+    if cells[best]["n"] < 2:
+        return None
+    tied = []
+    for lr_rho, v in cells.items():
+        d = confidence.paired(cells[best]["by_seed"], v["by_seed"])
+        if lr_rho == best or (d is not None and d["n"] >= 2 and not confidence.excludes_zero(d)):
+            tied.append(lr_rho)
+    return sorted(tied)
+
+
+def _diff(d: Mapping[str, float] | None) -> dict[str, Any]:
+    if d is None:
+        return {"mean": None, "ci": None, "seeds": 0}
+    ci = d["half_width"]
+    return {"mean": d["mean"], "ci": None if math.isnan(ci) else ci, "seeds": d["n"]}
+
+
 def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per parameterization: optimum ``(lr, rho)`` per width, its shift in grid steps from the
-    smallest to the largest width, transfer regret (accuracy lost at the largest width by using
-    the smallest width's optimum) and SAM's gain over SGD (best ``rho > 0`` minus best
-    ``rho = 0``, each over learning rates) per width."""
+    """Per setting (parameterization, and SAM variant when not plain SAM), per width:
+
+    - the optimum ``(lr, rho)`` by seed-mean accuracy, its 95% interval ``acc_ci`` and the grid
+      cells statistically ``tied`` with it (paired over seeds, :func:`tied_with_best`);
+    - SAM's gain over SGD: the best ``rho > 0`` cell minus the best ``rho = 0`` cell (each over
+      learning rates), ``sam_gain`` as a mean and ``sam_gain_diff`` paired per seed with its
+      interval (same seed: same initialization and data order);
+
+    and across widths: the optimum's shift in grid steps from the smallest to the largest width,
+    whether it moved beyond the tie (``optimum_moved``: the small width's optimum is not tied
+    with the best at the largest width) and the transfer regret, the accuracy lost at the
+    largest width by using the smallest width's optimum, paired per seed with its interval.
+    Picking the best of many cells favours lucky cells, so gains at the optimum lean high.
+    """
     agg = aggregate(rows)
     lrs = sorted({r["lr"] for r in rows})
     rhos = sorted({r["rho"] for r in rows})
-    out: dict[str, Any] = {"lr_grid": lrs, "rho_grid": rhos, "parameterizations": {}}
+    out: dict[str, Any] = {
+        "lr_grid": lrs,
+        "rho_grid": rhos,
+        "confidence_level": confidence.LEVEL,
+        "parameterizations": {},
+    }
     for par in sorted({p for p, _ in agg}):
         widths = sorted(w for p, w in agg if p == par)
         per_width = {}
@@ -90,60 +133,107 @@ def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
             opt = _optimum(cells, lambda rho: rho > 0) or _optimum(cells)
             sgd = _optimum(cells, lambda rho: rho == 0)
             sam = _optimum(cells, lambda rho: rho > 0)
+            gain = (
+                confidence.paired(cells[sam[0]]["by_seed"], cells[sgd[0]]["by_seed"])
+                if (sam and sgd)
+                else None
+            )
+            ci = cells[opt[0]]["acc_ci"]
+            tied = tied_with_best(cells, opt[0])
             per_width[w] = {
                 "lr": opt[0][0],
                 "rho": opt[0][1],
                 "acc": opt[1],
                 "acc_std": cells[opt[0]]["acc_std"],
+                "acc_ci": None if math.isnan(ci) else ci,
                 "acc_exact": cells[opt[0]]["acc_exact"],
                 "seeds": cells[opt[0]]["n"],
+                "tied": None if tied is None else [list(c) for c in tied],
+                "sgd_lr": sgd[0][0] if sgd else None,
                 "sgd_acc": sgd[1] if sgd else None,
                 "sam_gain": (sam[1] - sgd[1]) if (sam and sgd) else None,
+                "sam_gain_diff": _diff(gain),
             }
         small, large = per_width[widths[0]], per_width[widths[-1]]
-        transferred = agg[(par, widths[-1])].get((small["lr"], small["rho"]))
+        large_cells = agg[(par, widths[-1])]
+        small_opt = (small["lr"], small["rho"])
+        transferred = large_cells.get(small_opt)
+        regret = (
+            confidence.paired(
+                large_cells[(large["lr"], large["rho"])]["by_seed"], transferred["by_seed"]
+            )
+            if transferred
+            else None
+        )
+        tied_large = large["tied"]
         out["parameterizations"][par] = {
             "widths": widths,
             "optimum": per_width,
             "shift_lr_steps": lrs.index(large["lr"]) - lrs.index(small["lr"]),
             "shift_rho_steps": rhos.index(large["rho"]) - rhos.index(small["rho"]),
+            "optimum_moved": None
+            if tied_large is None or len(widths) < 2
+            else list(small_opt) not in tied_large,
             "transfer_acc": transferred["acc"] if transferred else None,
             "transfer_regret": (large["acc"] - transferred["acc"]) if transferred else None,
+            "transfer_regret_diff": _diff(regret),
         }
     return out
 
 
+def _pm(mean: float | None, ci: float | None, signed: bool = False) -> str:
+    if mean is None:
+        return "-"
+    text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
+    return text if ci is None else f"{text}±{ci:.4f}"
+
+
 def format_transfer(summary: Mapping[str, Any]) -> str:
+    """The transfer table as text: ``±`` is the half-width of the 95% interval over seeds
+    (paired by seed for the gain and the regret)."""
     lines = []
     for par, s in summary["parameterizations"].items():
         lines.append(f"{par}")
         lines.append(
             f"  {'width':>8} {'best lr':>9} {'best rho':>9} {'test acc':>16} {'exact 1k':>9}"
-            f" {'SGD acc':>9} {'SAM gain':>9}"
+            f" {'tied':>5} {'SGD acc':>9} {'SAM gain (paired)':>18}"
         )
         for w in s["widths"]:
             o = s["optimum"][w]
             sgd = "-" if o["sgd_acc"] is None else f"{o['sgd_acc']:.4f}"
-            gain = "-" if o["sam_gain"] is None else f"{o['sam_gain']:+.4f}"
-            acc = f"{o['acc']:.4f}±{o['acc_std']:.4f}" if o["seeds"] > 1 else f"{o['acc']:.4f}"
+            gain = o["sam_gain_diff"]
             exact = "-" if o["acc_exact"] is None else f"{o['acc_exact']:.4f}"
+            tied = "-" if o["tied"] is None else str(len(o["tied"]))
             lines.append(
-                f"  {w:>8g} {o['lr']:>9.4g} {o['rho']:>9.4g} {acc:>16} {exact:>9} {sgd:>9} {gain:>9}"
+                f"  {w:>8g} {o['lr']:>9.4g} {o['rho']:>9.4g} {_pm(o['acc'], o['acc_ci']):>16}"
+                f" {exact:>9} {tied:>5} {sgd:>9} {_pm(gain['mean'], gain['ci'], True):>18}"
             )
-        regret = "-" if s["transfer_regret"] is None else f"{s['transfer_regret']:.4f}"
+        r = s["transfer_regret_diff"]
+        moved = {None: "untested (one seed)", True: "yes", False: "no, within the tie"}[
+            s["optimum_moved"]
+        ]
         lines.append(
-            f"  optimum shift {s['widths'][0]:g} -> {s['widths'][-1]:g}: lr {s['shift_lr_steps']:+d} steps, "
-            f"rho {s['shift_rho_steps']:+d} steps; transfer regret {regret}"
+            f"  optimum shift {s['widths'][0]:g} -> {s['widths'][-1]:g}: lr {s['shift_lr_steps']:+d} "
+            f"steps, rho {s['shift_rho_steps']:+d} steps; moved beyond the tie: {moved}; "
+            f"transfer regret {_pm(r['mean'], r['ci'])}"
         )
         lines.append("")
+    seeds = {
+        o["seeds"] for s in summary["parameterizations"].values() for o in s["optimum"].values()
+    }
+    lines.append(
+        f"± : {summary.get('confidence_level', confidence.LEVEL):.0%} t-interval over seeds "
+        f"(seeds per cell: {', '.join(str(n) for n in sorted(seeds))}); tied: grid cells not "
+        "significantly worse than the optimum (paired by seed)"
+    )
     return "\n".join(lines)
 
 
 def plot_sweep(rows: list[Mapping[str, Any]], prefix: str) -> list[str]:
-    """Fig. 1-style heatmaps (test accuracy over lr × rho per parameterization and width, ×
-    at the optimum, the region within 1% of it outlined, diverged cells grey) and slices
-    (accuracy against rho at each width's best lr, SGD baseline dashed).  Writes PNG and PDF;
-    returns the paths."""
+    """Fig. 1-style heatmaps (seed-mean test accuracy over lr × rho per setting and width, ×
+    at the optimum, the region within 1% of it outlined, diverged cells grey), slices
+    (accuracy against rho at each width's best lr with 95% intervals over seeds, SGD dashed)
+    and SAM's gain against width (:func:`plot_gain`).  Writes PNG and PDF; returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,21 +298,70 @@ def plot_sweep(rows: list[Mapping[str, Any]], prefix: str) -> list[str]:
             if not opt or not pos_rhos:
                 continue
             lr = opt[0][0]
-            ys = [cells.get((lr, r), {}).get("acc", math.nan) * 100 for r in pos_rhos]
-            line = ax.semilogx(pos_rhos, ys, "o-", label=f"width {w:g} (η={lr:g})")[0]
-            sgd = _optimum(cells, lambda rho: rho == 0)
+            got = [(r, cells[(lr, r)]) for r in pos_rhos if (lr, r) in cells]
+            ys = [c["acc"] * 100 for _, c in got]
+            err = [0.0 if math.isnan(c["acc_ci"]) else c["acc_ci"] * 100 for _, c in got]
+            line = ax.errorbar(
+                [r for r, _ in got],
+                ys,
+                yerr=err,
+                fmt="o-",
+                capsize=3,
+                label=f"width {w:g} (η={lr:g})",
+            )[0]
+            sgd = cells.get((lr, 0.0))
             if sgd:
-                ax.axhline(sgd[1] * 100, ls="--", color=line.get_color(), lw=1)
+                ax.axhline(sgd["acc"] * 100, ls="--", color=line.get_color(), lw=1)
         if pos_rhos:
+            ax.set_xscale("log")
             ax.set_xticks(pos_rhos, [f"{r:g}" for r in pos_rhos])
             ax.minorticks_off()
         ax.set_xlabel("perturbation radius ρ")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{par}: slice at each width's best η (dashed: SGD, ρ=0)")
+        ax.set_title(f"{par}: at each width's best η\n(dashed: SGD at that η; bars: 95% CI)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     for ext in ("png", "pdf"):
         p = f"{prefix}_slices.{ext}"
+        fig.savefig(p, dpi=120)
+        paths.append(p)
+    plt.close(fig)
+    paths += plot_gain(rows, prefix)
+    return paths
+
+
+def plot_gain(rows: list[Mapping[str, Any]], prefix: str) -> list[str]:
+    """SAM's gain over SGD against width, one line per setting, with the 95% interval of the
+    per-seed paired gain (:func:`transfer_summary`): the paper's claim in one picture (μP²'s
+    gain persists with width, μP-global's decays toward last-layer SAM's; Fig. 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = transfer_summary(rows)["parameterizations"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for par, s in summary.items():
+        ws, gains, errs = [], [], []
+        for w in s["widths"]:
+            d = s["optimum"][w]["sam_gain_diff"]
+            if d["mean"] is None:
+                continue
+            ws.append(w)
+            gains.append(d["mean"] * 100)
+            errs.append(0.0 if d["ci"] is None else d["ci"] * 100)
+        if ws:
+            ax.errorbar(ws, gains, yerr=errs, fmt="o-", capsize=3, label=par)
+    ax.axhline(0.0, color="grey", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("width")
+    ax.set_ylabel("SAM gain over SGD (points)")
+    ax.set_title("best SAM minus best SGD, paired by seed (95% CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = []
+    for ext in ("png", "pdf"):
+        p = f"{prefix}_gain.{ext}"
         fig.savefig(p, dpi=120)
         paths.append(p)
     plt.close(fig)

@@ -193,7 +193,8 @@ def load_preset(name: str) -> dict:
     return load_config_file(str(path))
 
 
-def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict]:
+def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict, list | None]:
+    """(base config, grid, queue order) of a sweep from --preset/--config, --set, --grid."""
     from .train import load_config_file
 
     if args.preset and args.config:
@@ -219,22 +220,30 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict]:
         raise ValueError(
             "the sweep has no grid: use --preset, a --config with a [grid] table, or --grid"
         )
+    from .sweep import expand_point, grid_points
     from .train import TrainConfig
 
-    probe = dict(base)
-    probe.update({k: v[0] for k, v in grid.items()})
-    TrainConfig.from_dict(probe)  # unknown or invalid options fail before any work starts
-    return base, grid
+    order = spec.get("sweep", {}).get("order")
+    if order is not None:
+        order = [k for k in order if k in grid] + [k for k in grid if k not in order]
+    for point in grid_points(grid, order):  # every point is valid before any work starts
+        try:
+            TrainConfig.from_dict({**base, **expand_point(point)})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"grid point {point}: {e}") from None
+    return base, grid, order
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
-    base, grid = _sweep_spec(args)
+    base, grid, order = _sweep_spec(args)
     results = run_sweep(
         grid,
         base,
         args.out,
+        order=order,
+        keep_checkpoints=args.keep_checkpoints,
         storage=args.storage,
         workers=args.workers,
         progress=not args.no_progress,
@@ -377,6 +386,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="re-run trials left RUNNING by killed workers now (no other worker alive)",
     )
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each finished run's weights (default: only its record; interrupted runs "
+        "always keep their checkpoint to resume from)",
+    )
     s.add_argument(
         "--vectorize",
         choices=["auto", "on", "off"],

@@ -198,6 +198,27 @@ def synthetic(
     return Dataset("synthetic", make(n_train), make(n_test), num_classes, "synthetic")
 
 
+def with_label_noise(split: Split, fraction: float, num_classes: int, seed: int = 0) -> Split:
+    """A copy of ``split`` in which ``round(fraction * N)`` labels, chosen with ``seed``, are
+    replaced by a different class drawn uniformly (symmetric label noise; the setting in which
+    SAM helps most, Chen et al., "Critical influence of overparameterization on
+    sharpness-aware minimization").  The same ``(split, fraction, seed)`` gives the same labels.
+    """
+    if not (isinstance(fraction, (int, float)) and 0.0 <= fraction < 1.0):
+        raise ValueError(f"label_noise must be a fraction in [0, 1); got {fraction!r}")
+    if num_classes < 2:
+        raise ValueError(f"label noise needs at least 2 classes; got {num_classes}")
+    n_flip = round(fraction * len(split))
+    if n_flip == 0:
+        return split
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(split), generator=g)[:n_flip]
+    shift = torch.randint(1, num_classes, (n_flip,), generator=g)  # never the true class
+    y = split.y.clone()
+    y[idx] = (y[idx] + shift) % num_classes
+    return Split(split.x, y)
+
+
 def normalize(x: torch.Tensor, name: str = "cifar10") -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 standardized with the per-channel statistics."""
     stats = name if name in MEAN else "cifar10"

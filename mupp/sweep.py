@@ -79,14 +79,68 @@ def pop_lock(url: str):
     return contextlib.nullcontext()
 
 
-def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    """All combinations, in a stable order."""
+def grid_points(
+    grid: Mapping[str, Sequence[Any]], order: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """All combinations, in a stable order: the queue order of a sweep.
+
+    ``order`` names the axes from slowest- to fastest-varying (each value list in its given
+    order), so that a long study finishes its most informative points first.  By default
+    ``lr`` and ``rho`` vary fastest, so that consecutive queued points can train as one
+    vectorized group.
+    """
     for k, v in grid.items():
         if not isinstance(v, (list, tuple)) or not v:
             raise ValueError(f"grid[{k!r}] must be a non-empty list; got {v!r}")
-    # lr and rho vary fastest, so that consecutive queued points can train as one vectorized group
-    keys = [k for k in grid if k not in ("lr", "rho")] + [k for k in ("lr", "rho") if k in grid]
+    if order is None:
+        keys = [k for k in grid if k not in ("lr", "rho")] + [k for k in ("lr", "rho") if k in grid]
+    else:
+        keys = list(order)
+        if sorted(keys) != sorted(grid):
+            raise ValueError(
+                f"order must name every grid axis once; got {keys}, grid axes {sorted(grid)}"
+            )
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def expand_point(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Training options of a grid point: a ``setting`` axis (``"mup-global/last-layer"``, the
+    names of :func:`mupp.analysis.rows_from_records`) sets ``parameterization`` and ``variant``
+    together, so that a grid can compare settings that are not a Cartesian product."""
+    out = dict(params)
+    setting = out.pop("setting", None)
+    if setting is not None:
+        if not isinstance(setting, str) or not setting:
+            raise ValueError(
+                f"grid setting must be 'PARAMETERIZATION' or 'PARAMETERIZATION/VARIANT'; got {setting!r}"
+            )
+        par, _, variant = setting.partition("/")
+        out["parameterization"] = par
+        out["variant"] = variant or "sam"
+    return out
+
+
+def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration a grid point trains, with equivalent points made equal.
+
+    Without perturbation (``rho = 0``) the variant and rule play no part and every μP
+    parameterization trains the same μP SGD run; at the base width every parameterization
+    reduces to standard SAM (paper Sec. 5).  Points that coincide share one run.
+    """
+    cfg = dict(config)
+    if cfg.get("rho") == 0:
+        cfg["variant"], cfg["rule"] = "sam", "LP"
+        if cfg.get("parameterization") != "sp":
+            cfg["parameterization"] = "mupp"
+    base = cfg.get("base_width")
+    if base is not None and cfg.get("width") == base:
+        cfg["parameterization"] = "mupp"
+    return cfg
+
+
+def run_key(config: Mapping[str, Any]) -> str:
+    """The run directory name of a configuration (equal for equivalent grid points)."""
+    return point_key(canonical_config(config))
 
 
 def point_key(params: Mapping[str, Any]) -> str:
@@ -118,6 +172,7 @@ def prepare(
     grid: Mapping[str, Sequence[Any]],
     base_config: Mapping[str, Any],
     reclaim_running: bool = False,
+    order: Sequence[str] | None = None,
 ) -> dict[str, int]:
     """Create or load the study, fail stale trials, enqueue every grid point without a result.
 
@@ -158,7 +213,7 @@ def prepare(
         elif t.state in (TrialState.RUNNING, TrialState.WAITING):
             live.add(key)
     enqueued = 0
-    for params in grid_points(grid):
+    for params in grid_points(grid, order):
         key = point_key(params)
         if key not in done and key not in live:
             study.enqueue_trial(params, user_attrs={"point": key})
@@ -206,8 +261,12 @@ def worker(
     max_trials: int | None = None,
     vectorize: bool | None = None,
     group_size: int = 25,
+    keep_checkpoints: bool = False,
 ) -> int:
     """Pop enqueued trials until none is left; returns how many this worker finished.
+
+    A finished run keeps its record (``result.json``) and, only with ``keep_checkpoints``,
+    its weights; an interrupted one keeps its checkpoint and resumes from it.
 
     With ``vectorize``, up to ``group_size`` popped trials that differ only in ``lr``/``rho``
     (and that :mod:`mupp.vectorized` supports) train together; the others run one by one,
@@ -217,7 +276,6 @@ def worker(
     from optuna.trial import TrialState
 
     from . import vectorized
-    from .train import train
 
     storage = make_storage(url)  # the raw storage: heartbeats go to it directly
     study = _study(url, None, create=False, storage=storage)
@@ -232,7 +290,7 @@ def worker(
         if first is None:
             break
         popped = [first]
-        cfg0 = {**base, **first[1]}
+        cfg0 = {**base, **expand_point(first[1])}
         auto = str(cfg0.get("device", "cpu")).startswith("cuda")
         if (auto if vectorize is None else vectorize) and vectorized.supports(cfg0):
             key0 = vectorized.group_key(cfg0)
@@ -241,7 +299,7 @@ def worker(
                 nxt = _pop(study, storage, grid, lock)
                 if nxt is None:
                     break
-                if vectorized.group_key({**base, **nxt[1]}) != key0:
+                if vectorized.group_key({**base, **expand_point(nxt[1])}) != key0:
                     carry = nxt  # queue order keeps lr/rho together: this one opens the next group
                     break
                 popped.append(nxt)
@@ -254,7 +312,7 @@ def worker(
             beat = threading.Thread(target=_heartbeat, args=(storage, ids, stop), daemon=True)
             beat.start()
         try:
-            cfgs = [{**base, **params} for _, params in popped]
+            cfgs = [{**base, **expand_point(params)} for _, params in popped]
             group = list(range(len(cfgs))) if len(cfgs) > 1 else []  # one lr/rho group
             results: dict[int, dict] = {}
             if len(group) > 1:
@@ -262,8 +320,9 @@ def worker(
                     results[i] = r
             for i, c in enumerate(cfgs):
                 if i not in results:
-                    run_dir = Path(out_dir) / "runs" / point_key(popped[i][1])
-                    results[i] = train(c, run_dir, resume=True, progress=progress, log=None)
+                    results[i] = _train_shared(
+                        c, Path(out_dir) / "runs", progress, keep_checkpoints, study
+                    )
         except BaseException:
             stop.set()
             for t, _ in popped + ([carry] if carry is not None else []):
@@ -276,6 +335,47 @@ def worker(
             if _record(study, trial, results[i], vectorized=len(group) > 1 and i in group):
                 finished += 1
     return finished
+
+
+def _train_shared(
+    config: Mapping[str, Any],
+    runs_dir: Path,
+    progress: bool,
+    keep_checkpoints: bool = False,
+    study=None,
+) -> dict[str, Any]:
+    """Train the canonical form of ``config`` (:func:`canonical_config`) in its run directory,
+    or reuse the record of an equivalent grid point that already finished it: in the study
+    (finished trials carry their records) or in the run directory."""
+    from .train import train
+
+    cfg = canonical_config(config)
+    want = _validated(cfg)
+    if study is not None:
+        from optuna.trial import TrialState
+
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            result = t.user_attrs.get("result")
+            if result is not None and result.get("config") == want:
+                return result
+    run_dir = runs_dir / point_key(cfg)
+    done = run_dir / "result.json"
+    if done.is_file():
+        try:
+            result = json.loads(done.read_text())
+        except ValueError:
+            result = None  # a torn write: train again (resuming from the checkpoint)
+        if result is not None and result.get("config") == want:
+            return result
+    return train(
+        cfg, run_dir, resume=True, progress=progress, log=None, keep_checkpoint=keep_checkpoints
+    )
+
+
+def _validated(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    from .train import TrainConfig
+
+    return TrainConfig.from_dict(cfg).to_dict()
 
 
 def _record(study, trial, result: dict[str, Any], vectorized: bool) -> bool:
@@ -303,12 +403,14 @@ def _record(study, trial, result: dict[str, Any], vectorized: bool) -> bool:
     return True
 
 
-def _worker_entry(url: str, out_dir: str, threads: int, vectorize: bool | None) -> None:
+def _worker_entry(
+    url: str, out_dir: str, threads: int, vectorize: bool | None, keep_checkpoints: bool
+) -> None:
     import torch
 
     warnings.filterwarnings("ignore", module="optuna")
     torch.set_num_threads(threads)
-    worker(url, out_dir, vectorize=vectorize)
+    worker(url, out_dir, vectorize=vectorize, keep_checkpoints=keep_checkpoints)
 
 
 def run_sweep(
@@ -321,26 +423,33 @@ def run_sweep(
     progress: bool = True,
     reclaim_running: bool = False,
     vectorize: bool | None = None,
+    order: Sequence[str] | None = None,
+    keep_checkpoints: bool = False,
 ) -> list[dict[str, Any]]:
-    """Prepare the study, run ``workers`` local processes to completion, return the results."""
+    """Prepare the study (queue ``order``: :func:`grid_points`), run ``workers`` local processes to completion, return the results."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     url = storage_url(out_dir, storage)
     if workers < 1:
         raise ValueError(f"workers must be >= 1; got {workers}")
-    counts = prepare(url, grid, base_config, reclaim_running)
+    counts = prepare(url, grid, base_config, reclaim_running, order)
     total = counts["done"] + counts["waiting"] + counts["running"]
     print(
         f"sweep: {total} grid points, {counts['done']} done, {counts['waiting']} queued "
         f"({counts['enqueued']} newly), {counts['running']} running elsewhere; storage {url}"
     )
     if workers == 1:
-        _run_with_progress(url, str(out_dir), total, counts["done"], progress, None, vectorize)
+        _run_with_progress(
+            url, str(out_dir), total, counts["done"], progress, None, vectorize, keep_checkpoints
+        )
     else:
         ctx = mp.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // workers)
         procs = [
-            ctx.Process(target=_worker_entry, args=(url, str(out_dir), threads, vectorize))
+            ctx.Process(
+                target=_worker_entry,
+                args=(url, str(out_dir), threads, vectorize, keep_checkpoints),
+            )
             for _ in range(workers)
         ]
         for p in procs:
@@ -364,6 +473,7 @@ def _run_with_progress(
     progress: bool,
     procs,
     vectorize: bool | None = None,
+    keep_checkpoints: bool = False,
 ) -> None:
     import time
 
@@ -381,7 +491,13 @@ def _run_with_progress(
 
     if procs is None:
         while True:
-            n = worker(url, out_dir, max_trials=None if bar is None else 25, vectorize=vectorize)
+            n = worker(
+                url,
+                out_dir,
+                max_trials=None if bar is None else 25,
+                vectorize=vectorize,
+                keep_checkpoints=keep_checkpoints,
+            )
             if bar is not None:
                 bar.n = count()
                 bar.refresh()

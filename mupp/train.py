@@ -43,6 +43,8 @@ class TrainConfig:
     data_dir: str | None = None
     train_subset: int | None = None
     test_subset: int | None = None
+    label_noise: float = 0.0  # fraction of training labels flipped to another class
+    label_noise_seed: int = 0  # which labels: fixed across training seeds by default
     parameterization: str = "mupp"
     variant: str = "sam"
     rule: str = "LP"
@@ -82,6 +84,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a non-negative finite number; got {v!r}")
+        if not (isinstance(self.label_noise, (int, float)) and 0 <= self.label_noise < 1):
+            raise ValueError(f"label_noise must be a fraction in [0, 1); got {self.label_noise!r}")
         for name in ("batch_size", "epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)!r}")
@@ -197,6 +201,17 @@ def _subset(split: data_mod.Split, n: int | None) -> data_mod.Split:
     return split if n is None or n >= len(split) else data_mod.Split(split.x[:n], split.y[:n])
 
 
+def splits(cfg: TrainConfig, ds: data_mod.Dataset) -> tuple[data_mod.Split, data_mod.Split]:
+    """The run's (train, test) splits: the first ``train_subset``/``test_subset`` images, with
+    ``label_noise`` applied to the training labels (drawn with ``label_noise_seed``)."""
+    train_split = _subset(ds.train, cfg.train_subset)
+    if cfg.label_noise:
+        train_split = data_mod.with_label_noise(
+            train_split, cfg.label_noise, ds.num_classes, cfg.label_noise_seed
+        )
+    return train_split, _subset(ds.test, cfg.test_subset)
+
+
 def train(
     config: TrainConfig | Mapping[str, Any],
     out_dir: str | os.PathLike | None = None,
@@ -205,8 +220,12 @@ def train(
     progress: bool = True,
     dataset: data_mod.Dataset | None = None,
     log: Callable[[str], None] | None = print,
+    keep_checkpoint: bool = True,
 ) -> dict[str, Any]:
     """Train one configuration; returns the result record (also written to ``result.json``).
+
+    Every epoch writes ``checkpoint.pt`` to ``out_dir`` (what ``resume=True`` continues from);
+    with ``keep_checkpoint=False`` a finished run deletes it and keeps only its record.
 
     The record has per-epoch ``history`` (train/test accuracy and loss), ``best_test_acc``,
     ``final_test_acc``, ``test_acc_exact`` (first 1000 exact CIFAR-10 test images, at the
@@ -219,7 +238,7 @@ def train(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     ds = dataset if dataset is not None else data_mod.load(cfg.dataset, cfg.data_dir, seed=cfg.seed)
-    train_split, test_split = _subset(ds.train, cfg.train_subset), _subset(ds.test, cfg.test_subset)
+    train_split, test_split = splits(cfg, ds)
     flatten = cfg.model == "mlp"
     rank, world_size = distributed.init_from_env(cfg.device)
     if cfg.batch_size % world_size:
@@ -345,7 +364,11 @@ def train(
         bar.close()
     result = summarize(cfg, history, elapsed)
     if out is not None:
-        (out / "result.json").write_text(json.dumps(result, indent=1))
+        tmp = out / "result.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, out / "result.json")
+        if not keep_checkpoint and ckpt is not None:
+            ckpt.unlink(missing_ok=True)
     return result
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import data as data_mod
 from .optim import SAM
 from .optim.perturbation import scales
-from .train import TrainConfig, _lr_lambda, _make_model, _subset, epoch_batches, summarize
+from .train import TrainConfig, _lr_lambda, _make_model, epoch_batches, splits, summarize
 
 VARYING = ("lr", "rho")
 _DIRECTION_VARIANTS = ("sam", "last-layer", "first-layer", "sam-on")
@@ -77,10 +77,7 @@ def train_group(
         if dataset is not None
         else data_mod.load(cfg0.dataset, cfg0.data_dir, seed=cfg0.seed)
     )
-    train_split, test_split = (
-        _subset(ds.train, cfg0.train_subset),
-        _subset(ds.test, cfg0.test_subset),
-    )
+    train_split, test_split = splits(cfg0, ds)
     dev = torch.device(cfg0.device)
     torch.manual_seed(cfg0.seed)
     model = _make_model(cfg0, ds.num_classes).to(dev)

@@ -106,10 +106,14 @@ def test_transfer_summary_on_a_hand_made_table():
         "rho": 0.1,
         "acc": 0.55,
         "acc_std": 0.0,
+        "acc_ci": None,  # one seed: no interval
         "acc_exact": pytest.approx(0.65),
         "seeds": 1,
+        "tied": None,
+        "sgd_lr": 0.2,
         "sgd_acc": 0.52,
         "sam_gain": pytest.approx(0.03),
+        "sam_gain_diff": {"mean": pytest.approx(0.03), "ci": None, "seeds": 1},
     }
     big = s["optimum"][1024]
     assert big["lr"] == 0.2 and big["acc"] == pytest.approx(0.65)
@@ -127,8 +131,17 @@ def test_plots_are_written(tmp_path):
         for lr in (0.1, 0.2, 0.4)
         for rho in (0.0, 0.05, 0.1)
     ]
+    recs += [
+        record(p, w, lr, rho, 0.31 + 0.1 * lr + rho, seed=1)
+        for p in ("mupp", "mup-global")
+        for w in (64, 256)
+        for lr in (0.1, 0.2)
+        for rho in (0.0, 0.05, 0.1)
+    ]
     paths = plot_sweep(rows_from_records(recs), str(tmp_path / "s"))
-    assert len(paths) == 4
+    assert [os.path.basename(p) for p in paths] == [
+        f"s_{kind}.{ext}" for kind in ("heatmaps", "slices", "gain") for ext in ("png", "pdf")
+    ]
     for p in paths:
         assert os.path.getsize(p) > 5_000
 

@@ -1,0 +1,138 @@
+"""Seed statistics of sweeps (confidence intervals, paired SAM gain, ties, transfer regret),
+checked on hand-made records whose answers are known."""
+
+import math
+
+import pytest
+
+from mupp import confidence
+from mupp.analysis import format_transfer, rows_from_records, transfer_summary
+from mupp.sweep import canonical_config, expand_point, grid_points
+
+T2 = 4.302652729911275  # t_{0.975, 2}
+
+
+def test_t_interval_matches_the_textbook_formula():
+    r = confidence.interval([1.0, 2.0, 3.0])
+    assert r["mean"] == 2.0 and r["n"] == 3
+    assert r["half_width"] == pytest.approx(T2 * 1.0 / math.sqrt(3))
+    assert confidence.t_quantile(1000) == pytest.approx(1.962, abs=1e-3)
+    assert math.isnan(confidence.interval([0.5])["half_width"])
+    with pytest.raises(ValueError, match="empty"):
+        confidence.interval([])
+
+
+def test_pairing_removes_the_shared_seed_effect():
+    a = {0: 0.50, 1: 0.60, 2: 0.70}
+    b = {0: 0.40, 1: 0.50, 2: 0.60}
+    d = confidence.paired(a, b)
+    assert d["mean"] == pytest.approx(0.1) and d["half_width"] == pytest.approx(0.0, abs=1e-12)
+    assert confidence.excludes_zero(d)
+    # unpaired, the same numbers overlap completely
+    assert confidence.interval(list(a.values()))["half_width"] > 0.1
+    assert confidence.paired(a, {5: 0.1}) is None
+    assert not confidence.excludes_zero(confidence.paired({0: 0.5}, {0: 0.4}))  # one seed
+
+
+def rec(setting, width, lr, rho, acc, seed):
+    par, _, variant = setting.partition("/")
+    cfg = dict(
+        parameterization=par, width=width, lr=lr, rho=rho, seed=seed, variant=variant or "sam"
+    )
+    return {"params": {}, "result": {"config": cfg, "best_test_acc": acc, "diverged": False}}
+
+
+def study():
+    """Two widths, 3 seeds, cells (lr, rho) with known per-seed accuracies."""
+    table = {
+        64: {
+            (0.1, 0.0): (0.40, 0.41, 0.42),
+            (0.1, 0.2): (0.50, 0.52, 0.54),  # best
+            (0.2, 0.2): (0.49, 0.53, 0.52),  # tied with the best
+            (0.2, 0.0): (0.30, 0.31, 0.32),
+        },
+        1024: {
+            (0.1, 0.0): (0.45, 0.46, 0.47),
+            (0.1, 0.2): (0.50, 0.51, 0.52),  # the small width's optimum
+            (0.2, 0.2): (0.60, 0.62, 0.64),  # best, clearly
+            (0.2, 0.0): (0.46, 0.46, 0.46),
+        },
+    }
+    return [
+        rec("mupp", w, lr, rho, a, s)
+        for w, cells in table.items()
+        for (lr, rho), accs in cells.items()
+        for s, a in enumerate(accs)
+    ]
+
+
+def test_transfer_statistics_on_known_answers():
+    s = transfer_summary(rows_from_records(study()))["parameterizations"]["mupp"]
+    small, large = s["optimum"][64], s["optimum"][1024]
+    assert (small["lr"], small["rho"], small["seeds"]) == (0.1, 0.2, 3)
+    assert small["acc"] == pytest.approx(0.52)
+    assert small["acc_ci"] == pytest.approx(T2 * 0.02 / math.sqrt(3))
+    # tie: best - (0.2, 0.2) = (0.01, -0.01, 0.02): interval contains 0; SGD cells do not
+    assert small["tied"] == [[0.1, 0.2], [0.2, 0.2]]
+    assert large["tied"] == [[0.2, 0.2]]
+    # SAM gain, paired: best SAM (0.1, 0.2) - best SGD (0.1, 0.0) = 0.10, 0.11, 0.12
+    g = small["sam_gain_diff"]
+    assert g["mean"] == pytest.approx(0.11) and g["seeds"] == 3
+    assert g["ci"] == pytest.approx(T2 * 0.01 / math.sqrt(3))
+    # at 1024: (0.60, 0.62, 0.64) - best SGD (0.2, 0.0) = (0.14, 0.16, 0.18)
+    assert large["sgd_lr"] == 0.2
+    assert large["sam_gain_diff"]["mean"] == pytest.approx(0.16)
+    # regret of transferring (0.1, 0.2): (0.60-0.50, 0.62-0.51, 0.64-0.52) = 0.10, 0.11, 0.12
+    r = s["transfer_regret_diff"]
+    assert r["mean"] == pytest.approx(0.11) and r["ci"] == pytest.approx(T2 * 0.01 / math.sqrt(3))
+    assert s["optimum_moved"] is True
+    assert s["shift_lr_steps"] == 1 and s["shift_rho_steps"] == 0
+    text = format_transfer(transfer_summary(rows_from_records(study())))
+    assert "+0.1100±0.0248" in text and "moved beyond the tie: yes" in text
+
+
+def test_an_optimum_inside_the_tie_has_not_moved():
+    recs = study()
+    # make the transferred cell at 1024 tied with the best there
+    for r in recs:
+        c = r["result"]["config"]
+        if c["width"] == 1024 and (c["lr"], c["rho"]) == (0.1, 0.2):
+            r["result"]["best_test_acc"] = (0.61, 0.60, 0.65)[c["seed"]]
+    s = transfer_summary(rows_from_records(recs))["parameterizations"]["mupp"]
+    assert s["optimum_moved"] is False
+    assert s["optimum"][1024]["tied"] == [[0.1, 0.2], [0.2, 0.2]]
+
+
+def test_settings_axis_expands_and_equivalent_points_share_a_run():
+    assert expand_point({"setting": "mup-global/last-layer", "lr": 0.1}) == {
+        "lr": 0.1,
+        "parameterization": "mup-global",
+        "variant": "last-layer",
+    }
+    assert expand_point({"setting": "sp"})["variant"] == "sam"
+    with pytest.raises(ValueError, match="setting"):
+        expand_point({"setting": ""})
+    base = {"base_width": 64, "width": 256, "rule": "LP"}
+    sgd = [
+        canonical_config({**base, **expand_point({"setting": s, "rho": 0.0})})
+        for s in ("mup-global", "mupp", "mup-global/last-layer")
+    ]
+    assert sgd[0] == sgd[1] == sgd[2]  # every μP SGD run is the same run
+    sp = canonical_config({**base, **expand_point({"setting": "sp", "rho": 0.0})})
+    assert sp != sgd[0]
+    at_base = [
+        canonical_config({**base, "width": 64, **expand_point({"setting": s, "rho": 0.1})})
+        for s in ("sp", "mup-global", "mupp")
+    ]
+    assert at_base[0] == at_base[1] == at_base[2]
+    ll = canonical_config({**base, "width": 64, **expand_point({"setting": "mupp/last-layer"})})
+    assert ll["variant"] == "last-layer"
+
+
+def test_queue_order_puts_the_named_axes_first():
+    grid = {"lr": [0.05, 0.1], "seed": [0, 1], "rho": [0.0, 0.1]}
+    pts = grid_points(grid, order=["lr", "seed", "rho"])
+    assert pts[:2] == [{"lr": 0.05, "seed": 0, "rho": 0.0}, {"lr": 0.05, "seed": 0, "rho": 0.1}]
+    assert pts[4]["lr"] == 0.1
+    with pytest.raises(ValueError, match="every grid axis"):
+        grid_points(grid, order=["lr", "rho"])
