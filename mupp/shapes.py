@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,6 +30,11 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 ROLES = ("input", "hidden", "output", "fixed")
+# How a role was found: "override" (declared by the user), "layer" (the layout of a known layer
+# type: Linear, Conv, Embedding, norms, attention, Hugging Face Conv1D), "vector" (a tensor of
+# at most one dimension), "mup" (microsoft/mup's convention for a tensor seen without its
+# module), "guess" (a free tensor of 2+ dimensions whose layout no module declares).
+ROLE_SOURCES = ("override", "layer", "vector", "mup", "guess")
 _PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 _REGISTRY = WeakIdKeyDictionary()  # Parameter -> WidthInfo, by identity
@@ -119,6 +125,7 @@ class WidthInfo:
     role: str
     is_norm: bool = False
     layer_role: str = ""  # role of the owning module's weight (a readout's bias: "output")
+    source: str = "layer"  # how the role was found: see ROLE_SOURCES
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -141,23 +148,51 @@ class WidthInfo:
 
     @property
     def infshape(self) -> InfShape:
-        return InfShape(
+        view = InfShape(
             InfDim(b if w else None, s)
             for b, s, w in zip(self.base_shape, self.shape, self.width_dims)
         )
+        view.info = self  # travels with copies and pickles of the parameter
+        return view
+
+
+def _is_hf_conv1d(module: nn.Module | None) -> bool:
+    """Hugging Face ``Conv1D`` (GPT-2 family): a linear layer whose weight is (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def _fan_dims(
-    module: nn.Module | None, pname: str, ndim: int
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(fan_in dims, fan_out dims) of a parameter tensor in PyTorch's layouts."""
+    module: nn.Module | None, pname: str, ndim: int, width: tuple[bool, ...] = ()
+) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+    """(fan_in dims, fan_out dims, source) of a parameter tensor (source: see ROLE_SOURCES).
+
+    Known layer types declare their layout.  A free tensor of 2+ dimensions (a ``cls_token``
+    1×1×D, a ``pos_embed`` 1×N×D, a raw weight matrix) has none: it follows microsoft/mup's
+    convention, that a tensor with exactly one width dimension is vector-like (an embedding,
+    input-like: that dimension is its fan_out), and otherwise PyTorch's (out, in, ...) layout.
+    """
     if ndim == 0:
-        return (), ()
+        return (), (), "vector"
     if ndim == 1:
-        return (), (0,)
-    if isinstance(module, nn.Embedding) and pname == "weight":
-        return (0,), (1,)
-    return tuple(range(1, ndim)), (0,)
+        return (), (0,), "vector"
+    rest = tuple(range(1, ndim))
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and pname == "weight":
+        return (0,), (1,), "layer"
+    if _is_hf_conv1d(module) and pname == "weight":
+        return (0,), (1,), "layer"
+    if isinstance(module, nn.modules.conv._ConvNd) and pname == "weight":
+        if module.transposed:  # (in, out / groups, *kernel)
+            return (0,) + tuple(range(2, ndim)), (1,), "layer"
+        return rest, (0,), "layer"
+    if isinstance(module, (nn.Linear, nn.Bilinear)) and pname == "weight":
+        return rest, (0,), "layer"
+    if isinstance(module, nn.MultiheadAttention) and pname.endswith("_weight"):
+        return rest, (0,), "layer"
+    grows = [i for i in range(ndim) if i < len(width) and width[i]]
+    source = "guess" if module is not None else "mup"
+    if len(grows) == 1:
+        return tuple(i for i in range(ndim) if i != grows[0]), (grows[0],), source
+    return rest, (0,), source
 
 
 def _role(fan_in_grows: bool, fan_out_grows: bool) -> str:
@@ -253,17 +288,17 @@ def set_base_shapes(
                 if dshape is None or len(dshape) != len(shape):
                     raise ValueError(f"delta does not match model at parameter {name}")
                 width = tuple(w or (dd != b) for w, dd, b in zip(width, dshape, bshape))
-        in_dims, out_dims = _fan_dims(module, pname, len(shape))
+        in_dims, out_dims, source = _fan_dims(module, pname, len(shape), width)
         ov = _match_override(overrides, name)
         role = None
         if isinstance(ov, str):
-            role = ov
+            role, source = ov, "override"
         elif ov is not None:
             in_dims = tuple(ov.get("fan_in_dims", in_dims))
             out_dims = tuple(ov.get("fan_out_dims", out_dims))
-            role = ov.get("role")
+            role, source = ov.get("role"), "override"
         if role is not None and role not in ROLES:
-            raise ValueError(f"override for {name}: role must be one of {ROLES}; got {role!r}")
+            raise ValueError(f"overrides[{name!r}]: role must be one of {ROLES}; got {role!r}")
         fan_in = math.prod(shape[i] for i in in_dims)
         fan_out = math.prod(shape[i] for i in out_dims)
         bfan_in = math.prod(bshape[i] for i in in_dims)
@@ -281,9 +316,18 @@ def set_base_shapes(
             base_fan_out=bfan_out,
             role=role,
             is_norm=isinstance(module, _NORM_TYPES),
+            source=source,
         )
         records[name] = info
+    if not any(any(r.width_dims) for r in records.values()):
+        raise ValueError(
+            "set_base_shapes: no parameter has a dimension that grows with width (every shape "
+            "equals the base's"
+            + (" and the delta's" if delta is not None else "")
+            + "): build base (or delta) at another width than the model"
+        )
     _set_layer_roles(records, params)
+    _warn_guessed_roles(records)
     model._mupp_shapes = records
     reattach(model)
     if savefile is not None:
@@ -301,6 +345,28 @@ def _set_layer_roles(records: dict[str, WidthInfo], params: list) -> None:
         name = strip_prefixes(full_name)
         lr = weight_role.get(id(module), records[name].role)
         records[name] = replace(records[name], layer_role=lr)
+
+
+def _warn_guessed_roles(records: Mapping[str, WidthInfo]) -> None:
+    """Say once which roles are guesses: free tensors of 2+ dimensions, and weights given the
+    readout's role that are not the model's last readout."""
+    guessed = [n for n, r in records.items() if r.source == "guess"]
+    outputs = [n for n, r in records.items() if r.role == "output" and len(r.shape) >= 2]
+    early_outputs = [n for n in outputs[:-1] if records[n].source != "override"]
+    lines = [f"  {n}: {records[n].role} (shape {records[n].shape})" for n in guessed]
+    lines += [
+        f"  {n}: output, but it is not the last readout ({outputs[-1]})" for n in early_outputs
+    ]
+    if lines:
+        example = (guessed + early_outputs)[0]
+        warnings.warn(
+            "mupp.set_base_shapes: these roles are inferred from shapes alone, not declared by a "
+            "known layer type:\n" + "\n".join(lines) + "\nIf one is wrong, declare it: "
+            f"set_base_shapes(model, base, overrides={{{example!r}: 'input'}}) (roles: "
+            f"{', '.join(ROLES)}); mupp.describe(model) lists every role and its source.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _match_override(overrides: Mapping[str, Any], name: str) -> Any:
@@ -347,9 +413,12 @@ def _from_mup_infshape(
     inf = getattr(p, "infshape", None)
     if inf is None or not hasattr(inf, "ninf"):
         return None
+    own = getattr(inf, "info", None)
+    if isinstance(own, WidthInfo):  # mupp's own view, carried by a copy of the parameter
+        return replace(own, name=name)
     bshape = tuple(d.base_dim if d.isinf() else d.dim for d in inf)
     width = tuple(bool(d.isinf()) for d in inf)
-    in_dims, out_dims = _fan_dims(module, pname, len(bshape))
+    in_dims, out_dims, source = _fan_dims(module, pname, len(bshape), width)
     shape = tuple(p.shape)
     return WidthInfo(
         name=name,
@@ -362,6 +431,7 @@ def _from_mup_infshape(
         base_fan_out=math.prod(bshape[i] for i in out_dims),
         role=_role(any(width[i] for i in in_dims), any(width[i] for i in out_dims)),
         is_norm=isinstance(module, _NORM_TYPES),
+        source="mup" if source == "guess" else source,
         extra={"mup_readout": type(module).__name__ == "MuReadout"},
     )
 
@@ -373,14 +443,17 @@ def get_info(p: torch.Tensor) -> WidthInfo | None:
         return info
     inf = getattr(p, "infshape", None)
     if inf is not None and hasattr(inf, "ninf"):
-        # our view on a pickled/torch.saved parameter, or a model prepared by the mup package
+        own = getattr(inf, "info", None)
+        if isinstance(own, WidthInfo):  # our view on a copied, pickled or torch.saved parameter
+            return own
+        # a model prepared by the mup package, seen without its modules: mup's conventions
         bshape = tuple(d.base_dim if d.isinf() else d.dim for d in inf)
-        return _info_from_view(tuple(p.shape), bshape, tuple(d.isinf() for d in inf))
+        return _info_from_view(tuple(p.shape), bshape, tuple(bool(d.isinf()) for d in inf))
     return None
 
 
 def _info_from_view(shape, bshape, width) -> WidthInfo:
-    in_dims, out_dims = _fan_dims(None, "", len(shape))
+    in_dims, out_dims, source = _fan_dims(None, "", len(shape), width)
     return WidthInfo(
         name="",
         shape=shape,
@@ -391,6 +464,7 @@ def _info_from_view(shape, bshape, width) -> WidthInfo:
         base_fan_in=math.prod(bshape[i] for i in in_dims),
         base_fan_out=math.prod(bshape[i] for i in out_dims),
         role=_role(any(width[i] for i in in_dims), any(width[i] for i in out_dims)),
+        source=source,
     )
 
 
@@ -414,7 +488,7 @@ def require_info(p: torch.Tensor, where: str = "") -> WidthInfo:
 class ParamTable(list):
     """List of dicts that prints as an aligned table."""
 
-    columns = ("name", "shape", "role", "fan_in", "fan_out", "width_mult")
+    columns = ("name", "shape", "role", "source", "fan_in", "fan_out", "width_mult")
 
     def __str__(self) -> str:
         rows = [[_fmt(r[c]) for c in self.columns] for r in self]
@@ -434,7 +508,9 @@ def _fmt(v: Any) -> str:
 
 
 def describe(model: nn.Module) -> ParamTable:
-    """One dict per parameter: ``name, shape, role, fan_in, fan_out, width_mult``."""
+    """One dict per parameter: ``name, shape, role, source, fan_in, fan_out, width_mult``;
+    ``source`` says whether the role was declared (``override``, a known ``layer`` type) or
+    inferred (``vector``, ``mup``'s convention, or a ``guess`` from the shape alone)."""
     rows = ParamTable()
     for full_name, p, _, _ in _named_params(model):
         info = get_info(p)
@@ -446,6 +522,7 @@ def describe(model: nn.Module) -> ParamTable:
                 "name": strip_prefixes(full_name),
                 "shape": tuple(p.shape),
                 "role": info.role,
+                "source": info.source,
                 "fan_in": info.fan_in,
                 "fan_out": info.fan_out,
                 "width_mult": info.width_mult,

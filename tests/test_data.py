@@ -119,3 +119,38 @@ def test_download_without_network_fails_cleanly(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="no network"):
         data.load("cifar10", tmp_path, download=True)
     assert not list(tmp_path.glob("*.tar.gz"))  # nothing half-written left behind
+
+
+def test_label_noise_flips_a_fixed_fraction_to_other_classes():
+    from mupp.data import synthetic, with_label_noise
+    from mupp.train import TrainConfig, splits
+
+    ds = synthetic(1000, 100, seed=0)
+    noisy = with_label_noise(ds.train, 0.2, 10, seed=3)
+    changed = noisy.y != ds.train.y
+    assert int(changed.sum()) == 200  # exactly round(0.2 * N), never to the true class
+    assert torch.equal(noisy.x, ds.train.x)
+    assert torch.equal(with_label_noise(ds.train, 0.2, 10, seed=3).y, noisy.y)  # fixed by seed
+    assert not torch.equal(with_label_noise(ds.train, 0.2, 10, seed=4).y, noisy.y)
+    assert torch.bincount(noisy.y[changed], minlength=10).min() > 0  # spread over classes
+    assert with_label_noise(ds.train, 0.0, 10).y is ds.train.y
+    # from a run config: the training split only, the test split untouched
+    cfg = TrainConfig(dataset="synthetic", label_noise=0.2, label_noise_seed=3, train_subset=500)
+    tr, te = splits(cfg, ds)
+    assert len(tr) == 500 and int((tr.y != ds.train.y[:500]).sum()) == 100
+    assert torch.equal(te.y, ds.test.y)
+    for bad in (1.0, -0.1, "0.2"):
+        with pytest.raises(ValueError, match="label_noise must be a fraction"):
+            TrainConfig(label_noise=bad).validate()
+
+
+def test_label_noise_from_the_command_line(tmp_path):
+    import json
+
+    from mupp.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "synthetic", "--epochs", "1", "--width", "32", "--rho", "0"]
+    assert main(argv + ["--set", "label_noise=0.4", "--out", str(out), "--no-progress"]) == 0
+    cfg = json.loads((out / "result.json").read_text())["config"]
+    assert cfg["label_noise"] == 0.4 and cfg["label_noise_seed"] == 0

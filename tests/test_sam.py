@@ -541,3 +541,75 @@ def test_optimizer_exponents_come_from_theory(parameterization, variant):
             continue
         assert g["pert_num"] == pytest.approx(M ** (-d) * M ** (-by_role[role]))
         assert g["pert_den"] == pytest.approx(M ** (-by_role[role]))
+
+
+SCALER_CASES = [(rule, "sam", 0.0) for rule in ("LP", "DP", "LN", "unnormalized")]
+SCALER_CASES += [("LP", v, 0.0) for v in ("asam-elem", "asam-layer", "last-layer", "first-layer")]
+SCALER_CASES += [("unnormalized", "last-layer", 0.0), ("LP", "sam", 0.05)]
+SCALER_CASES += [("unnormalized", "sam", 0.05)]
+
+
+@pytest.mark.parametrize("rule,variant,awd", SCALER_CASES)
+def test_gradscaler_path_equals_the_unscaled_one(rule, variant, awd):
+    """first_step(scaler=...) builds ε from unscaled gradients, so a power-of-2 loss scale
+    changes nothing, for every rule and variant (the unnormalized rule and the ascent weight
+    decay depend on the gradient's scale; the normalized rules cancel it)."""
+    kw = dict(rho=0.1, rule=rule, variant=variant, ascent_weight_decay=awd)
+    ref = prepared_mlp()
+    scaled = copy.deepcopy(ref)
+    mupp.reattach(scaled)
+    opt_ref = SAM(ref.parameters(), torch.optim.SGD, lr=0.1, **kw)
+    opt = SAM(scaled.parameters(), torch.optim.SGD, lr=0.1, **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for _ in range(2):
+        loss_fn(ref).backward()
+        opt_ref.first_step(zero_grad=True)
+        loss_fn(ref).backward()
+        opt_ref.second_step(zero_grad=True)
+
+        scaler.scale(loss_fn(scaled)).backward()
+        opt.first_step(zero_grad=True, scaler=scaler)
+        scaler.scale(loss_fn(scaled)).backward()
+        opt.second_step(zero_grad=True, scaler=scaler)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**12
+    for p, q in zip(ref.parameters(), scaled.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_without_the_scaler_the_unnormalized_rule_sees_the_scale():
+    """Why first_step takes the scaler: the scaled gradient would blow ε up by 2^12."""
+    m = prepared_mlp()
+    opt = SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, rule="unnormalized")
+    w = [p.detach().clone() for p in m.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaler.scale(loss_fn(m)).backward()
+    g = [p.grad.clone() / 2.0**12 for p in m.parameters()]
+    opt.first_step(scaler=scaler)
+    eps = [p.detach() - w0 for p, w0 in zip(m.parameters(), w)]
+    opt.restore()
+    opt.first_step()  # the same (scaled) gradients, no scaler
+    eps_raw = [p.detach() - w0 for p, w0 in zip(m.parameters(), w)]
+    opt.restore()
+    for e, er, gi in zip(eps, eps_raw, g):
+        assert torch.allclose(er, e * 2.0**12, rtol=1e-3, atol=1e-3)
+        assert e.norm() <= 10 * gi.norm()  # ρ·num·g with num <= M: the unscaled size
+
+
+def test_step_completes_a_pending_first_step_and_runs_the_closure_once():
+    m = prepared_mlp()
+    ref = copy.deepcopy(m)
+    mupp.reattach(ref)
+    opt = SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.1)
+    opt_ref = SAM(ref.parameters(), torch.optim.SGD, lr=0.1, rho=0.1)
+    loss_fn(m).backward()
+    opt.first_step(zero_grad=True)
+    loss_fn(m).backward()
+    calls = []
+    assert opt.step(lambda: calls.append(1) or 7.0) == 7.0  # a hook-only closure, as Lightning's
+    assert calls == [1] and not opt._pending
+    opt_ref.step(lambda: loss_fn(ref).backward())
+    for p, q in zip(m.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(RuntimeError, match="SAMTrainer"):
+        opt.step()

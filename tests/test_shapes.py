@@ -31,10 +31,12 @@ def test_mlp_roles_and_fans():
         "name",
         "shape",
         "role",
+        "source",
         "fan_in",
         "fan_out",
         "width_mult",
     ]
+    assert r["0.weight"]["source"] == "layer" and r["0.bias"]["source"] == "vector"
     assert "32x12" in table
 
 
@@ -95,8 +97,8 @@ def test_delta_tells_width_dims_at_base_width():
     m = mupp.set_base_shapes(mlp(8), mlp(8), delta=mlp(16))
     assert [r["role"] for r in mupp.describe(m)] == ["input", "hidden", "output"]
     assert all(r["width_mult"] == 1 for r in mupp.describe(m))
-    m2 = mupp.set_base_shapes(mlp(8), mlp(8))  # no delta: nothing can be told to scale
-    assert [r["role"] for r in mupp.describe(m2)] == ["fixed"] * 3
+    with pytest.raises(ValueError, match="no parameter has a dimension that grows with width"):
+        mupp.set_base_shapes(mlp(8), mlp(8))  # no delta: nothing can be told to scale
 
 
 def test_override_and_idempotence():
@@ -106,7 +108,7 @@ def test_override_and_idempotence():
     mupp.set_base_shapes(m, mlp(8), delta=mlp(16))
     mupp.set_base_shapes(m, mlp(8), delta=mlp(16))
     assert roles(m)["4.weight"] == "output"
-    with pytest.raises(ValueError, match="role must be one of"):
+    with pytest.raises(ValueError, match=r"overrides\['4.weight'\]: role must be one of"):
         mupp.set_base_shapes(m, mlp(8), overrides={"4.weight": "readout"})
 
 

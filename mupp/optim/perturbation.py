@@ -112,11 +112,23 @@ def buckets(param_groups: Iterable[dict]) -> list[Bucket]:
 
 
 def _directions(
-    b: Bucket, variant: str, ascent_weight_decay: float, inplace: bool
+    b: Bucket,
+    variant: str,
+    ascent_weight_decay: float,
+    inplace: bool,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
     """(u_l, t_l, owned) of the table above; ``owned``: u may be scaled in place (it is a
-    temporary, or the gradients themselves when ``inplace``)."""
+    temporary, or the gradients themselves when ``inplace``).  ``grad_scale`` multiplies the
+    gradients first (the inverse loss scale of a ``GradScaler``)."""
     grads = b.grads
+    if grad_scale is not None:
+        scale = grad_scale.to(device=grads[0].device, dtype=grads[0].dtype)
+        if inplace:
+            torch._foreach_mul_(grads, scale)
+        else:
+            grads = torch._foreach_mul(grads, scale)
+            inplace = True
     if ascent_weight_decay:
         grads = torch._foreach_add(grads, b.params, alpha=ascent_weight_decay)
         inplace = True
@@ -176,8 +188,13 @@ def perturb_(
     eps: float = 1e-12,
     ascent_weight_decay: float = 0.0,
     inplace: bool = False,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
     """Compute ε for every bucket and add it to the weights.
+
+    ``grad_scale`` (a tensor, no host sync) multiplies the gradients before anything else: the
+    inverse loss scale of mixed precision, which the normalized rules cancel but the
+    unnormalized rule and ``ascent_weight_decay`` do not.
 
     Returns ``(params, epsilons, finite)``; ``finite`` is a 0-dim bool tensor (no host sync),
     ``False`` when a gradient was non-finite, in which case every scale is zero.  With
@@ -187,7 +204,9 @@ def perturb_(
         raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
     if not bucket_list:
         return [], [], None
-    dirs = [_directions(b, variant, ascent_weight_decay, inplace) for b in bucket_list]
+    dirs = [
+        _directions(b, variant, ascent_weight_decay, inplace, grad_scale) for b in bucket_list
+    ]
     dev = bucket_list[0].params[0].device
     norms = torch.stack([t.float().to(dev, non_blocking=True) for _, ts, _ in dirs for t in ts])
 

@@ -174,11 +174,14 @@ class SAM(torch.optim.Optimizer):
     # ------------------------------------------------------------------ the two passes
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, scaler: Any = None) -> None:
         """Perturb the weights: save each perturbed ``W`` and set ``W <- W + ε``.
 
         With ``zero_grad=True`` the gradients are consumed in place (no extra memory) and
-        zeroed afterwards, ready for the second backward pass.
+        zeroed afterwards, ready for the second backward pass.  With a ``torch.amp.GradScaler``
+        as ``scaler`` (gradients of ``scaler.scale(loss)``), ε is built from the unscaled
+        gradients: every rule and variant then equals the unscaled computation (the
+        unnormalized rule and ``ascent_weight_decay`` depend on the gradient's scale).
         """
         if self._pending:
             raise RuntimeError(
@@ -197,6 +200,7 @@ class SAM(torch.optim.Optimizer):
             eps=self.eps,
             ascent_weight_decay=self.ascent_weight_decay,
             inplace=zero_grad,
+            grad_scale=_inverse_scale(scaler),
         )
         # With zero_grad the ε tensors are the consumed gradients (or temporaries): turn them
         # into W + ε in place and swap storages, so W itself is the saved copy and restoring
@@ -306,14 +310,29 @@ class SAM(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """PyTorch convention: ``closure`` zeroes nothing, computes the loss and calls
         ``backward()``; it is evaluated at ``W`` and again at ``W + ε``.  Returns the first
-        loss.  Without a closure, completes a pending :meth:`first_step` (as ``second_step``)."""
+        loss.
+
+        With a :meth:`first_step` pending (manual loops: the descent gradient at ``W + ε`` is
+        already in ``.grad``), ``step`` completes it as :meth:`second_step`; a closure given
+        then is evaluated once first, at ``W + ε`` (frameworks such as Lightning pass one that
+        only runs their hooks), and its value is returned.
+        """
+        if self._pending:
+            loss = None
+            if closure is not None:
+                try:
+                    with torch.enable_grad():
+                        loss = closure()
+                except BaseException:
+                    self.restore()
+                    raise
+            self.second_step()
+            return loss
         if closure is None:
-            if self._pending:
-                self.second_step()
-                return None
             raise RuntimeError(
                 "SAM.step() needs a closure that computes the loss and calls backward() "
-                "(or call first_step() and second_step() yourself)"
+                "(or call first_step() and second_step() yourself; in the Hugging Face Trainer "
+                "use mupp.integrations.huggingface.SAMTrainer)"
             )
         closure = torch.enable_grad()(closure)
         rng = _rng_state() if self.same_randomness else None
@@ -371,6 +390,16 @@ class SAM(torch.optim.Optimizer):
             f"SAM(base={type(self.base_optimizer).__name__}, parameterization={self.parameterization!r}, "
             f"rule={self.rule!r}, variant={self.variant!r}, groups={len(self.param_groups)})"
         )
+
+
+def _inverse_scale(scaler: Any) -> torch.Tensor | None:
+    """``1 / scale`` of a ``torch.amp.GradScaler`` as a tensor (no host sync), or ``None``."""
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    if scale is None:  # before the first scaler.scale(): nothing was scaled
+        return None
+    return scale.double().reciprocal().float()
 
 
 def _owns_storage(t: torch.Tensor) -> bool:
