@@ -26,11 +26,91 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_factory(spec: str):
+    """``"package.module:function"`` -> the function (a user's width -> model factory)."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--model must be mlp, resnet, vit or MODULE:FUNCTION; got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"--model {spec}: cannot import {module_name!r} ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"--model {spec}: {module_name} has no function {attr!r}")
+    return fn
+
+
+def _user_coordcheck(args: argparse.Namespace) -> dict:
+    """``coordcheck --model pkg.mod:make``: the user's ``make(width)`` with SGD-based SAM on the
+    chosen dataset (images flattened with ``--flatten``)."""
+    import torch
+
+    from . import data
+    from .diagnostics import coord_data
+    from .optim import SAM
+
+    make = load_factory(args.model)
+    ds = data.load(args.dataset, args.data_dir)
+
+    def batches(seed):
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            yield from data.batches(
+                ds.train,
+                args.batch_size,
+                shuffle=True,
+                generator=gen,
+                name=ds.name,
+                flatten=args.flatten,
+                drop_last=True,
+            )
+
+    def make_optimizer(model):
+        return SAM(
+            model.parameters(),
+            torch.optim.SGD,
+            lr=args.lr,
+            rho=args.rho,
+            parameterization=args.parameterization,
+            variant=args.variant,
+            rule=args.rule,
+        )
+
+    config = dict(
+        model=args.model,
+        parameterization=args.parameterization,
+        variant=args.variant,
+        rule=args.rule,
+        lr=args.lr,
+        rho=args.rho,
+        dataset=args.dataset,
+    )
+    return coord_data(
+        make,
+        args.widths,
+        make_optimizer,
+        batches,
+        steps=args.steps,
+        seeds=args.seeds,
+        progress=True,
+        config=config,
+    )
+
+
 def cmd_coordcheck(args: argparse.Namespace) -> int:
-    import json
 
-    from .diagnostics import coordcheck, format_tables, last_layer_equivalence, plot
+    from .diagnostics import coordcheck, format_tables, last_layer_equivalence
 
+    if ":" in args.model:
+        if args.compare_last_layer:
+            raise ValueError("--compare-last-layer runs on the built-in models only")
+        result = _user_coordcheck(args)
+        print(format_tables(result))
+        _write_coordcheck(result, args)
+        return 0
     widths = [
         int(w) if float(w).is_integer() and args.model != "resnet" else w for w in args.widths
     ]
@@ -62,6 +142,15 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
         **common,
     )
     print(format_tables(result))
+    _write_coordcheck(result, args)
+    return 0
+
+
+def _write_coordcheck(result: dict, args: argparse.Namespace) -> None:
+    import json
+
+    from .diagnostics import plot
+
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
@@ -69,7 +158,6 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}")
-    return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -417,7 +505,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("coordcheck", help="perturbation and update coordinate check across widths")
-    c.add_argument("--model", default="mlp", choices=["mlp", "resnet", "vit"])
+    c.add_argument(
+        "--model",
+        default="mlp",
+        help="mlp | resnet | vit, or MODULE:FUNCTION, your width -> model factory (base shapes "
+        "set), e.g. mypkg.models:make",
+    )
+    c.add_argument(
+        "--flatten", action="store_true", help="with MODULE:FUNCTION: feed images as vectors"
+    )
     add_sam_args(c)
     c.add_argument("--widths", type=float_list, default=[64, 128, 256, 512])
     c.add_argument("--base-width", type=float, default=None)

@@ -188,3 +188,60 @@ def test_run_statistics_of_trained_runs(tmp_path, capsys):
     assert main(["stats", str(tmp_path / "ll"), "--probe-size", "64", "--json", str(tmp_path / "s.json")]) == 0  # fmt: skip
     assert "pert_norm" in capsys.readouterr().out
     assert json.loads((tmp_path / "s.json").read_text())[0]["config"]["variant"] == "last-layer"
+
+
+def test_coord_data_takes_any_model_factory():
+    """microsoft/mup's get_coord_data shape: width -> model, model -> optimizer, batches."""
+    import torch
+    from torch import nn
+
+    import mupp
+    from mupp.diagnostics import coord_data
+
+    def net(w):
+        return nn.Sequential(
+            nn.Linear(20, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 3)
+        )
+
+    def make(w):
+        with torch.device("meta"):
+            base = net(16)
+        return mupp.mup_init_(mupp.set_base_shapes(net(int(w)), base))
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 20, generator=g), torch.randint(0, 3, (32,), generator=g))]
+    res = coord_data(
+        make,
+        [64, 256],
+        lambda m: mupp.SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.1),
+        batches,
+        steps=2,
+        seeds=1,
+    )
+    assert res["layers"] == ["0", "2", "4"] and res["widths"] == [64, 256]
+    assert all(v > 0 for v in res["metrics"]["pert_rms"]["2"])
+    # μP²: the perturbation's effect on every layer's output does not decay with width;
+    # μP-global: the input layer's decays like n^-2, the hidden layer's like n^-1
+    assert all(abs(res["slopes"]["pert_rms"][layer]) < 0.3 for layer in res["layers"])
+    glob = coord_data(
+        make,
+        [64, 256],
+        lambda m: mupp.SAM(
+            m.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, parameterization="mup-global"
+        ),
+        batches,
+        steps=2,
+        seeds=1,
+    )
+    assert glob["slopes"]["pert_rms"]["0"] < -1.5 and glob["slopes"]["pert_rms"]["2"] < -0.7
+    plain = coord_data(
+        make,
+        [64, 128],
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+        batches,
+        steps=1,
+        seeds=1,
+    )
+    assert plain["metrics"]["pert_rms"]["0"] == [0.0, 0.0]  # not SAM: nothing perturbed
+    with pytest.raises(ValueError, match="no weight with width metadata"):
+        coord_data(net, [8, 16], lambda m: torch.optim.SGD(m.parameters(), lr=0.1), batches)

@@ -2,9 +2,11 @@
 
 from .coordcheck import (
     METRICS,
+    coord_data,
     coordcheck,
     format_tables,
     last_layer_equivalence,
+    measure_model,
     measure_perturbation,
     measure_updates,
     plot,
@@ -15,7 +17,9 @@ from .probes import feature_rank, grad_norm, hessian_top_eigenvalue, hessian_tra
 
 __all__ = [
     "METRICS",
+    "coord_data",
     "coordcheck",
+    "measure_model",
     "last_layer_equivalence",
     "format_tables",
     "plot",

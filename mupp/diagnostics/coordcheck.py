@@ -1,4 +1,4 @@
-"""Coordinate checks for updates *and* perturbations (Fig. 2, App. H.1; SPEC §5).
+"""Coordinate checks for updates *and* perturbations (paper Sec. 3, Fig. 2, App. H.1).
 
 Train a model at several widths for a few SAM steps, then measure per layer:
 
@@ -15,8 +15,9 @@ The fitted log-log slope per layer is the width exponent: μP² keeps every laye
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -89,6 +90,141 @@ def measure_updates(
     return out
 
 
+Batch = tuple[Any, torch.Tensor]
+
+
+def _forward(model: torch.nn.Module, x: Any) -> torch.Tensor:
+    out = model(**x) if isinstance(x, Mapping) else model(x)
+    return getattr(out, "logits", out)
+
+
+def train_steps(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: Iterator[Batch],
+    steps: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> None:
+    """``steps`` optimizer steps on ``batches`` with ``step(closure)`` (SAM: both passes)."""
+    model.train()
+    for _ in range(steps):
+        x, y = next(batches)
+
+        def closure(x=x, y=y):
+            loss = loss_fn(_forward(model, x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        opt.zero_grad()
+
+
+def measure_model(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: Iterator[Batch],
+    probe: Any,
+    steps: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> dict[str, dict[str, float]]:
+    """Train ``model`` for ``steps`` steps, then measure every metric of :data:`METRICS` per
+    layer (Def. 8, Fig. 2): the updates against the model at the call, and the perturbation
+    of one more ascent step on the next batch (a :class:`mupp.SAM` ``opt``; other optimizers
+    report zero perturbation), restored without stepping."""
+    layers = weight_layers(model)
+    if not layers:
+        raise ValueError(
+            "the model has no weight with width metadata: call mupp.set_base_shapes in the "
+            "model factory"
+        )
+    model.eval()  # BatchNorm: probe measurements use running statistics
+    with torch.no_grad(), capture(layers) as (_, outputs):
+        _forward(model, probe)
+    init_outputs = dict(outputs)
+    init_weights = {n: m.weight.detach().clone() for n, m in layers}
+    train_steps(model, opt, batches, steps, loss_fn)
+    if isinstance(opt, SAM):
+        x, y = next(batches)
+        loss_fn(_forward(model, x), y).backward()
+        opt.first_step(zero_grad=True)
+        model.eval()
+        result = measure_perturbation(model, opt, probe)
+        opt.restore()
+    else:
+        zero = {n: 0.0 for n, _ in layers}
+        result = {"pert_rms": dict(zero), "pert_rel_spec": dict(zero)}
+    result.update(measure_updates(model, probe, init_outputs, init_weights))
+    return result
+
+
+def coord_data(
+    make_model: Callable[[float], torch.nn.Module],
+    widths: Sequence[float],
+    make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
+    batches: Callable[[int], Iterator[Batch]] | Iterable[Batch],
+    *,
+    steps: int = 10,
+    seeds: int = 2,
+    probe: Any = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    progress: bool = False,
+    config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The coordinate check on any model (after microsoft/mup's ``get_coord_data``).
+
+    ``make_model(width)`` returns the model at that width with its base shapes set
+    (:func:`mupp.set_base_shapes`); ``make_optimizer(model)`` its optimizer, typically a
+    :class:`mupp.SAM`; ``batches`` yields ``(inputs, targets)`` (a tensor, or a dict of keyword
+    arguments for the model) and is either an iterable, read afresh for every width and seed,
+    or a function ``seed -> iterator``.  ``probe`` (default: the first batch's inputs) is where
+    the layers are measured.  For each width and seed (``torch.manual_seed(seed)`` before the
+    model is built): ``steps`` training steps, then every metric of :data:`METRICS` per layer.
+
+    Returns ``{"widths", "layers", "metrics", "slopes", "config"}``: ``metrics[metric][layer]``
+    holds one mean over seeds per width, ``slopes`` the fitted width exponents; the paper's
+    prediction for μP² is an exponent of 0 for ``pert_rms`` in every layer (Sec. 3, Fig. 2).
+    """
+    widths = list(widths)
+    if len(widths) < 2:
+        raise ValueError(f"widths needs at least 2 entries to fit a slope; got {widths}")
+    if steps < 0 or seeds < 1:
+        raise ValueError(f"steps must be >= 0 and seeds >= 1; got steps={steps}, seeds={seeds}")
+
+    def stream(seed: int) -> Iterator[Batch]:
+        if callable(batches):
+            return iter(batches(seed))
+        return itertools.cycle(list(batches))
+
+    if probe is None:
+        probe = next(stream(0))[0]
+    runs = [(w, s) for w in widths for s in range(seeds)]
+    iterator: Iterable = runs
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(runs, desc="coordcheck", unit="run")
+    results: dict[float, list[dict]] = {w: [] for w in widths}
+    for w, s in iterator:
+        torch.manual_seed(s)
+        model = make_model(w)
+        opt = make_optimizer(model)
+        results[w].append(measure_model(model, opt, stream(s), probe, steps, loss_fn))
+    layers = list(results[widths[0]][0]["pert_rms"].keys())
+    for w in widths[1:]:
+        if list(results[w][0]["pert_rms"].keys()) != layers:
+            raise ValueError(f"the model at width {w:g} has other layers than at {widths[0]:g}")
+    metrics = {
+        m: {
+            layer: [float(np.mean([r[m][layer] for r in results[w]])) for w in widths]
+            for layer in layers
+        }
+        for m in METRICS
+    }
+    slopes = {m: {layer: slope(widths, metrics[m][layer]) for layer in layers} for m in METRICS}
+    cfg = {"steps": steps, "seeds": seeds, **dict(config or {})}
+    return {"widths": widths, "layers": layers, "metrics": metrics, "slopes": slopes, "config": cfg}
+
+
 def _train(
     model_name: str,
     width: float,
@@ -103,14 +239,20 @@ def _train(
     rho: float,
     batch_size: int,
     dataset: data_mod.Dataset,
-    probe: torch.Tensor,
-    on_init=None,
 ):
-    """Build and train one width for ``steps`` SAM steps (``rho = 0``: plain μP SGD).
-    ``on_init(model)`` runs before training (to record initial outputs)."""
+    """Build and train one width of a built-in model for ``steps`` SAM steps (``rho = 0``:
+    plain μP SGD)."""
     torch.manual_seed(seed)
     model = _build(model_name, width, base_width, dataset.num_classes, sp=parameterization == "sp")
-    opt = SAM(
+    opt = _sgd_sam(model, parameterization, variant, rule, lr, rho)
+    gen = torch.Generator().manual_seed(seed)
+    batches = _infinite_batches(dataset, batch_size, gen, model_name == "mlp")
+    train_steps(model, opt, batches, steps)
+    return model, opt, batches
+
+
+def _sgd_sam(model, parameterization, variant, rule, lr, rho) -> SAM:
+    return SAM(
         model.parameters(),
         torch.optim.SGD,
         lr=lr,
@@ -119,52 +261,11 @@ def _train(
         variant=variant,
         rule=rule,
     )
-    if on_init is not None:
-        on_init(model)
-    gen = torch.Generator().manual_seed(seed)
-    batches = _infinite_batches(dataset, batch_size, gen, model_name == "mlp")
-    model.train()
-    for _ in range(steps):
-        x, y = next(batches)
-
-        def closure(x=x, y=y):
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        opt.zero_grad()
-    return model, opt, batches
 
 
 def _probe(model_name: str, dataset: data_mod.Dataset) -> torch.Tensor:
     probe = data_mod.normalize(dataset.test.x[:64], dataset.name)
     return probe.flatten(1) if model_name == "mlp" else probe
-
-
-def run_one(model_name: str, width: float, base_width: float, **kw) -> dict[str, dict[str, float]]:
-    """Train one width (see :func:`_train`); returns ``{metric: {layer: value}}``."""
-    probe = _probe(model_name, kw["dataset"])
-    init: dict[str, Any] = {}
-
-    def record(model):
-        layers = weight_layers(model)
-        model.eval()  # BatchNorm: probe measurements use running statistics
-        with torch.no_grad(), capture(layers) as (_, outputs):
-            model(probe)
-        init["outputs"] = dict(outputs)
-        init["weights"] = {n: m.weight.detach().clone() for n, m in layers}
-
-    model, opt, batches = _train(model_name, width, base_width, probe=probe, on_init=record, **kw)
-    # one more ascent step to read ε at the trained weights, then restore without stepping
-    x, y = next(batches)
-    F.cross_entropy(model(x), y).backward()
-    opt.first_step(zero_grad=True)
-    model.eval()
-    result = measure_perturbation(model, opt, probe)
-    opt.restore()
-    result.update(measure_updates(model, probe, init["outputs"], init["weights"]))
-    return result
 
 
 def last_layer_equivalence(
@@ -212,7 +313,6 @@ def last_layer_equivalence(
                     rho=r,
                     batch_size=batch_size,
                     dataset=ds,
-                    probe=probe,
                 )
                 m.eval()
                 with torch.no_grad():
@@ -262,69 +362,36 @@ def coordcheck(
     data_dir: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the coordinate check; returns ``{"widths", "layers", "metrics", "slopes", "config"}``
-    with ``metrics[metric][layer]`` a list (one mean over seeds per width)."""
+    """The coordinate check of a built-in model (``mlp``, ``resnet``, ``vit``) trained with
+    SGD-based SAM; see :func:`coord_data` for any model and for the returned record."""
     if model not in MODEL_NAMES:
         raise ValueError(f"model must be one of {tuple(MODEL_NAMES)}; got {model!r}")
-    if len(widths) < 2:
-        raise ValueError(f"widths needs at least 2 entries to fit a slope; got {list(widths)}")
-    if steps < 0 or seeds < 1:
-        raise ValueError(f"steps must be >= 0 and seeds >= 1; got steps={steps}, seeds={seeds}")
     base = DEFAULT_BASE[model] if base_width is None else base_width
     ds = data_mod.load(dataset, data_dir)
-    runs = [(w, s) for w in widths for s in range(seeds)]
-    results: dict[float, list[dict]] = {w: [] for w in widths}
-    iterator = runs
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(runs, desc=f"coordcheck {parameterization}", unit="run")
-    for w, s in iterator:
-        results[w].append(
-            run_one(
-                model,
-                w,
-                base,
-                parameterization=parameterization,
-                variant=variant,
-                rule=rule,
-                steps=steps,
-                seed=s,
-                lr=lr,
-                rho=rho,
-                batch_size=batch_size,
-                dataset=ds,
-            )
-        )
-    layers = list(results[widths[0]][0]["pert_rms"].keys())
-    metrics = {
-        m: {
-            layer: [float(np.mean([r[m][layer] for r in results[w]])) for w in widths]
-            for layer in layers
-        }
-        for m in METRICS
-    }
-    slopes = {m: {layer: slope(widths, metrics[m][layer]) for layer in layers} for m in METRICS}
     config = dict(
         model=model,
         base_width=base,
         parameterization=parameterization,
         variant=variant,
         rule=rule,
-        steps=steps,
-        seeds=seeds,
         lr=lr,
         rho=rho,
         batch_size=batch_size,
         dataset=dataset,
     )
-    return {
-        "widths": list(widths),
-        "layers": layers,
-        "metrics": metrics,
-        "slopes": slopes,
-        "config": config,
-    }
+    return coord_data(
+        lambda w: _build(model, w, base, ds.num_classes, sp=parameterization == "sp"),
+        widths,
+        lambda m: _sgd_sam(m, parameterization, variant, rule, lr, rho),
+        lambda seed: _infinite_batches(
+            ds, batch_size, torch.Generator().manual_seed(seed), model == "mlp"
+        ),
+        steps=steps,
+        seeds=seeds,
+        probe=_probe(model, ds),
+        progress=progress,
+        config=config,
+    )
 
 
 def format_tables(result: dict[str, Any]) -> str:
@@ -365,9 +432,9 @@ def plot(result: dict[str, Any], path: str) -> None:
         ax.set_xlabel("width")
         ax.legend(fontsize=7)
     cfg = result["config"]
-    fig.suptitle(
-        f"{cfg['model']} {cfg['parameterization']} {cfg['variant']} {cfg['rule']}: {cfg['steps']} steps"
-    )
+    keys = ("model", "parameterization", "variant", "rule")
+    title = " ".join(str(cfg[k]) for k in keys if k in cfg)
+    fig.suptitle(f"{title}: {cfg['steps']} steps")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

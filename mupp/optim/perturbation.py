@@ -204,9 +204,7 @@ def perturb_(
         raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
     if not bucket_list:
         return [], [], None
-    dirs = [
-        _directions(b, variant, ascent_weight_decay, inplace, grad_scale) for b in bucket_list
-    ]
+    dirs = [_directions(b, variant, ascent_weight_decay, inplace, grad_scale) for b in bucket_list]
     dev = bucket_list[0].params[0].device
     norms = torch.stack([t.float().to(dev, non_blocking=True) for _, ts, _ in dirs for t in ts])
 
