@@ -248,7 +248,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         config["augment"] = True
     _apply_sets(config, args.set)
     cfg = TrainConfig.from_dict(config)
-    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    result = train(
+        cfg,
+        args.out,
+        resume=args.resume,
+        progress=not args.no_progress,
+        stop_after_epochs=args.stop_after_epochs,
+    )
     from .distributed import world
 
     if world()[0] != 0:
@@ -451,6 +457,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--out", default=None, help="directory for checkpoint.pt and result.json")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    t.add_argument(
+        "--stop-after-epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="end this call after N epochs (time-boxed jobs); continue later with --resume",
+    )
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 

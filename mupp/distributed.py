@@ -1,4 +1,4 @@
-"""SAM under ``torch.distributed`` (DistributedDataParallel), with two perturbation modes.
+"""SAM under ``torch.distributed``: DistributedDataParallel (two perturbation modes) and FSDP2.
 
 - ``"sync"``: the ascent gradient is averaged across workers as usual, so every worker
   computes the same global ε (SAM on the global batch).
@@ -9,6 +9,13 @@
 
 The descent gradient is always synchronized.  Non-finite checks are all-reduced inside
 :class:`mupp.SAM`, so every worker skips or takes the same step.
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) every gradient is reduce-scattered in
+backward, so the ascent gradient is the global one ("sync"); :class:`mupp.SAM` takes the norms
+of whole tensors from the local shards (one all-reduce of the per-tensor squared norms) and
+perturbs and restores the shards in place.  Checkpoints of sharded runs go through
+``torch.distributed.checkpoint`` (:func:`save_sharded`, :func:`load_sharded`), which also
+loads them on another number of ranks.
 """
 
 from __future__ import annotations
@@ -24,6 +31,27 @@ from torch import nn
 from .optim import SAM, frozen_bn_stats
 
 MODES = ("sync", "local")
+PARALLEL = ("ddp", "fsdp")
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether ``model`` was sharded with FSDP2's ``fully_shard``."""
+    return hasattr(model, "set_requires_gradient_sync") and hasattr(model, "reshard")
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """FSDP2: ``fully_shard`` every submodule that owns parameters, then the root; the width
+    metadata is re-attached to the sharded parameters (roles and fans keep the global shapes).
+    Build the optimizer after this call: sharding replaces the parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    from .shapes import reattach
+
+    for name, module in model.named_modules():
+        if name and any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module)
+    fully_shard(model)
+    return reattach(model)
 
 
 def world() -> tuple[int, int]:
@@ -34,9 +62,9 @@ def world() -> tuple[int, int]:
 
 
 def init_from_env(device: str = "cpu") -> tuple[int, int]:
-    """Initialize the process group when launched by ``torchrun`` (``WORLD_SIZE > 1``):
-    gloo on CPU, NCCL on CUDA.  Returns ``(rank, world_size)``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    """Initialize the process group when launched by ``torchrun`` (it sets ``WORLD_SIZE``,
+    also for one process): gloo on CPU, NCCL on CUDA.  Returns ``(rank, world_size)``."""
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend)
         if device.startswith("cuda"):
@@ -54,6 +82,13 @@ def sam_passes(
     pass with BatchNorm statistics frozen, restore and base step.  Returns the first loss."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    if mode == "local" and is_fsdp(model):
+        raise ValueError(
+            "perturbation_sync='local' is not available under FSDP2: fully_shard reduce-"
+            "scatters every gradient in backward, and without that sync each rank would hold an "
+            "unsharded local gradient that does not match its parameter shards; use 'sync' "
+            "(SAM on the global batch) or DistributedDataParallel for m-sharpness"
+        )
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     local = mode == "local" and is_ddp
     # outside DDP, unperturbed parameters skip their ascent gradients (last-layer SAM: Remark 3)
@@ -66,3 +101,36 @@ def sam_passes(
         loss_fn().backward()
     opt.second_step(zero_grad=True)
     return loss
+
+
+def save_sharded(
+    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict
+) -> None:
+    """Save a sharded model and its optimizer with ``torch.distributed.checkpoint`` into the
+    directory ``path`` (every rank writes its shards; call on every rank).  ``extra`` holds
+    tensors saved beside them (replicated: e.g. the RNG state).  For :class:`mupp.SAM` the
+    base optimizer's state and the shared param groups (with SAM's keys) are saved."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    opt = getattr(optimizer, "base_optimizer", optimizer)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd, **extra}, checkpoint_id=str(path))
+
+
+def load_sharded(
+    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict
+) -> dict:
+    """Load what :func:`save_sharded` wrote, resharding to this run's ranks; fills ``extra``
+    (a dict of tensors of the right shapes) in place and returns it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    opt = getattr(optimizer, "base_optimizer", optimizer)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd, **extra}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for k in extra:
+        extra[k] = state[k]
+    return extra

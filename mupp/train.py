@@ -63,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     perturbation_sync: str = "sync"  # under torchrun: "sync" (global ε) or "local" (per worker)
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 shards)
 
     def validate(self) -> TrainConfig:
         if self.data_dir is not None:  # one dataset, one identity, however the path was written
@@ -76,6 +77,7 @@ class TrainConfig:
             "optimizer": (self.optimizer, OPTIMIZERS),
             "schedule": (self.schedule, SCHEDULES),
             "perturbation_sync": (self.perturbation_sync, distributed.MODES),
+            "parallel": (self.parallel, distributed.PARALLEL),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -221,16 +223,21 @@ def train(
     dataset: data_mod.Dataset | None = None,
     log: Callable[[str], None] | None = print,
     keep_checkpoint: bool = True,
+    stop_after_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Train one configuration; returns the result record (also written to ``result.json``).
-
-    Every epoch writes ``checkpoint.pt`` to ``out_dir`` (what ``resume=True`` continues from);
-    with ``keep_checkpoint=False`` a finished run deletes it and keeps only its record.
 
     The record has per-epoch ``history`` (train/test accuracy and loss), ``best_test_acc``,
     ``final_test_acc``, ``test_acc_exact`` (first 1000 exact CIFAR-10 test images, at the
     best epoch, when known), ``wall_time`` and ``diverged`` (non-finite loss, or test accuracy
     at chance after the first epoch).
+
+    Every epoch writes a checkpoint to ``out_dir`` (what ``resume=True`` continues from):
+    ``checkpoint.pt``, or under ``parallel = "fsdp"`` a sharded ``checkpoint/`` directory
+    (``torch.distributed.checkpoint``; it resumes on any number of ranks).  With
+    ``keep_checkpoint=False`` a finished run deletes it and keeps only its record.
+    ``stop_after_epochs`` ends this call after that many epochs (the run stays resumable).
+    Under ``torchrun``, ``parallel`` picks DistributedDataParallel or FSDP2; rank 0 logs.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg.validate()
@@ -245,13 +252,21 @@ def train(
         raise ValueError(
             f"batch_size ({cfg.batch_size}) must be divisible by the number of workers ({world_size})"
         )
+    sharded = cfg.parallel == "fsdp" and torch.distributed.is_initialized()
+    if sharded and cfg.perturbation_sync == "local":
+        raise ValueError(
+            "perturbation_sync='local' is not available with parallel='fsdp' (FSDP2 reduce-"
+            "scatters every gradient); use 'sync', or parallel='ddp' for m-sharpness"
+        )
     if rank != 0:
-        out, progress, log = None, False, None  # rank 0 logs and checkpoints
+        progress, log = False, None  # rank 0 logs and writes the record
     torch.manual_seed(cfg.seed)
     model = _make_model(cfg, ds.num_classes).to(cfg.device)
+    if sharded:
+        distributed.shard_model(model)  # before the optimizer: sharding replaces parameters
     opt = _make_optimizer(cfg, model)
     net = model
-    if world_size > 1:
+    if world_size > 1 and not sharded:
         net = torch.nn.parallel.DistributedDataParallel(model)
     steps_per_epoch = len(train_split) // cfg.batch_size
     if steps_per_epoch < 1:
@@ -261,25 +276,19 @@ def train(
     # SAM steps its base optimizer (they share param groups): the scheduler follows that one
     sched_opt = opt.base_optimizer if isinstance(opt, SAM) else opt
     sched = torch.optim.lr_scheduler.LambdaLR(sched_opt, _lr_lambda(cfg, steps_per_epoch))
+    ckpt = _Checkpoint(out, cfg, sharded, writer=rank == 0) if out is not None else None
     history: list[dict[str, float]] = []
     start_epoch, elapsed = 0, 0.0
-    ckpt = Path(out_dir) / "checkpoint.pt" if out_dir is not None else None
     if resume and ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state["config"] != cfg.to_dict():
-            raise ValueError(
-                f"{ckpt} belongs to a different configuration; use another output directory"
-            )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        history, start_epoch, elapsed = state["history"], state["epoch"] + 1, state["elapsed"]
+        history, start_epoch, elapsed = ckpt.load(model, opt, sched)
     diverged = bool(history and history[-1].get("diverged"))
     use_sam = isinstance(opt, SAM)
     exact_mask = ds.test_exact[: len(test_split)] if ds.test_exact is not None else None
+    end_epoch = cfg.epochs
+    if stop_after_epochs is not None:
+        end_epoch = min(cfg.epochs, start_epoch + stop_after_epochs)
     bar = None
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, end_epoch):
         if diverged:
             break
         t0 = time.perf_counter()
@@ -340,20 +349,8 @@ def train(
             diverged = True
         history.append(record)
         elapsed += time.perf_counter() - t0
-        if ckpt is not None and out is not None:
-            state = {
-                "config": cfg.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "rng": torch.get_rng_state(),
-                "history": history,
-                "epoch": epoch,
-                "elapsed": elapsed,
-            }
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, ckpt)
+        if ckpt is not None:
+            ckpt.save(model, opt, sched, history, epoch, elapsed)
         if log is not None:
             log(
                 f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f} acc {record['train_acc']:.4f}"
@@ -363,13 +360,98 @@ def train(
     if bar is not None:
         bar.close()
     result = summarize(cfg, history, elapsed)
-    if out is not None:
+    finished = diverged or len(history) >= cfg.epochs
+    if out is not None and rank == 0:
         tmp = out / "result.json.tmp"
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out / "result.json")
-        if not keep_checkpoint and ckpt is not None:
-            ckpt.unlink(missing_ok=True)
+    if ckpt is not None and finished and not keep_checkpoint:
+        ckpt.delete()
     return result
+
+
+class _Checkpoint:
+    """A run's checkpoint: ``checkpoint.pt`` (one file, written by rank 0), or for sharded
+    runs a ``checkpoint/`` directory of ``torch.distributed.checkpoint`` shards (every rank
+    writes its own) with the run's record in ``checkpoint/mupp.json``.  Both are replaced
+    atomically: a killed run resumes from the last complete epoch."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, sharded: bool, writer: bool):
+        self.out, self.cfg, self.sharded, self.writer = out, cfg, sharded, writer
+        self.path = out / ("checkpoint" if sharded else "checkpoint.pt")
+
+    def exists(self) -> bool:
+        return (self.path / "mupp.json").is_file() if self.sharded else self.path.is_file()
+
+    def _check_config(self, stored: Mapping[str, Any]) -> None:
+        if stored != self.cfg.to_dict():
+            raise ValueError(
+                f"{self.path} belongs to a different configuration; use another output directory"
+            )
+
+    def save(self, model, opt, sched, history, epoch: int, elapsed: float) -> None:
+        meta = {
+            "config": self.cfg.to_dict(),
+            "scheduler": sched.state_dict(),
+            "history": history,
+            "epoch": epoch,
+            "elapsed": elapsed,
+        }
+        if not self.sharded:
+            if not self.writer:
+                return
+            state = dict(
+                meta,
+                model=model.state_dict(),
+                optimizer=opt.state_dict(),
+                rng=torch.get_rng_state(),
+            )
+            tmp = self.path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+            return
+        import shutil
+
+        tmp = self.out / "checkpoint.tmp"
+        if self.writer and tmp.exists():
+            shutil.rmtree(tmp)
+        torch.distributed.barrier()
+        distributed.save_sharded(tmp, model, opt, {"rng": torch.get_rng_state()})
+        torch.distributed.barrier()
+        if self.writer:
+            (tmp / "mupp.json").write_text(json.dumps(meta))
+            old = self.out / "checkpoint.old"
+            if self.path.exists():
+                os.replace(self.path, old)
+            os.replace(tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        torch.distributed.barrier()
+
+    def load(self, model, opt, sched) -> tuple[list, int, float]:
+        if not self.sharded:
+            state = torch.load(self.path, weights_only=False)
+            self._check_config(state["config"])
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            meta = state
+        else:
+            meta = json.loads((self.path / "mupp.json").read_text())
+            self._check_config(meta["config"])
+            extra = distributed.load_sharded(self.path, model, opt, {"rng": torch.get_rng_state()})
+            torch.set_rng_state(extra["rng"])
+        sched.load_state_dict(meta["scheduler"])
+        return meta["history"], meta["epoch"] + 1, meta["elapsed"]
+
+    def delete(self) -> None:
+        if not self.writer:
+            return
+        if self.sharded:
+            import shutil
+
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            self.path.unlink(missing_ok=True)
 
 
 def summarize(cfg: TrainConfig, history: list[dict[str, float]], elapsed: float) -> dict[str, Any]:

@@ -27,9 +27,8 @@ a non-finite gradient yields a zero scale and a ``False`` finiteness flag (a ten
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -88,26 +87,58 @@ class Bucket:
     num: float
     den: float
     rho: float
+    # sharded tensors (FSDP2 DTensors): ``params``/``grads`` hold the local shards, and norms
+    # are summed over these process groups (the mesh dimensions the tensors are sharded on)
+    shard_groups: tuple = ()
+    owners: list = field(default_factory=list)  # the parameters themselves (not their shards)
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.shard_groups)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a ``DTensor`` (FSDP2 parameters and gradients), ``t`` otherwise.
+    In-place changes to the shard change the DTensor."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "placements")
+
+
+def _shard_groups(p: torch.Tensor) -> tuple:
+    if not _is_dtensor(p):
+        return ()
+    if any(pl.is_partial() for pl in p.placements):
+        raise RuntimeError("SAM needs parameters that are sharded or replicated, not partial")
+    return tuple(p.device_mesh.get_group(i) for i, pl in enumerate(p.placements) if pl.is_shard())
 
 
 def buckets(param_groups: Iterable[dict]) -> list[Bucket]:
-    """Perturbed parameters with gradients, grouped by param group and (device, dtype)."""
+    """Perturbed parameters with gradients, grouped by param group, (device, dtype) and
+    sharding; for sharded parameters (FSDP2) the buckets hold the local shards."""
     out = []
     for g in param_groups:
         if not g.get("perturb", True) or g["rho"] == 0:
             continue
-        by_dev: dict[tuple, Bucket] = defaultdict(
-            lambda g=g: Bucket([], [], g.get("pert_num", 1.0), g.get("pert_den", 1.0), g["rho"])
-        )
+        by_key: dict[tuple, Bucket] = {}
         for p in g["params"]:
             if p.grad is None or not p.requires_grad:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("SAM does not support sparse gradients")
-            b = by_dev[(p.device, p.dtype)]
-            b.params.append(p)
-            b.grads.append(p.grad)
-        out.extend(by_dev.values())
+            groups = _shard_groups(p)
+            key = (p.device, p.dtype, tuple(id(x) for x in groups))
+            b = by_key.get(key)
+            if b is None:
+                b = by_key[key] = Bucket(
+                    [], [], g.get("pert_num", 1.0), g.get("pert_den", 1.0), g["rho"], groups
+                )
+            b.owners.append(p)
+            b.params.append(local_tensor(p))
+            b.grads.append(local_tensor(p.grad))
+        out.extend(by_key.values())
     return out
 
 
@@ -117,10 +148,13 @@ def _directions(
     ascent_weight_decay: float,
     inplace: bool,
     grad_scale: torch.Tensor | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
-    """(u_l, t_l, owned) of the table above; ``owned``: u may be scaled in place (it is a
-    temporary, or the gradients themselves when ``inplace``).  ``grad_scale`` multiplies the
-    gradients first (the inverse loss scale of a ``GradScaler``)."""
+) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], bool]:
+    """(u_l, norm parts, owned): the direction of the table above before any factor that
+    needs whole-tensor norms, and the *local* Frobenius norms it needs, one list per part
+    (``[||u||]``, or ``[||W||, ||g||]`` for asam-layer, whose ``t = ||W|| ||g||`` and whose
+    direction takes a further ``||W||²``: :func:`_norm_terms`).  ``owned``: u may be scaled
+    in place (a temporary, or the gradients themselves when ``inplace``).  ``grad_scale``
+    multiplies the gradients first (the inverse loss scale of a ``GradScaler``)."""
     grads = b.grads
     if grad_scale is not None:
         scale = grad_scale.to(device=grads[0].device, dtype=grads[0].dtype)
@@ -139,15 +173,45 @@ def _directions(
             u = grads
         else:
             u = torch._foreach_mul(grads, wabs)
-        norms = torch._foreach_norm(u)
+        norms = list(torch._foreach_norm(u))
         torch._foreach_mul_(u, wabs)
-        return u, list(norms), True
-    gnorms = torch._foreach_norm(grads)
+        return u, [norms], True
+    gnorms = list(torch._foreach_norm(grads))
     if variant == "asam-layer":
-        wnorms = torch._foreach_norm(b.params)
-        u = torch._foreach_mul(grads, torch._foreach_mul(wnorms, wnorms))
-        return u, list(torch._foreach_mul(wnorms, gnorms)), True
-    return grads, list(gnorms), inplace
+        return grads, [list(torch._foreach_norm(b.params)), gnorms], inplace
+    return grads, [gnorms], inplace
+
+
+def _whole_norms(bucket_list: list[Bucket], parts: list, dev: torch.device) -> list:
+    """Local norms -> norms of whole tensors.  For sharded buckets (FSDP2) the squared local
+    norms of every bucket and part are summed over the shard groups in one all-reduce per
+    group (one in all on FSDP2's 1-D mesh).  Returns ``parts`` with whole-tensor norms."""
+    pending: dict[tuple, list[tuple[int, int]]] = {}
+    for i, b in enumerate(bucket_list):
+        if b.sharded:
+            for j in range(len(parts[i])):
+                pending.setdefault(tuple(id(g) for g in b.shard_groups), []).append((i, j))
+    if not pending:
+        return parts
+    import torch.distributed as dist
+
+    for slots in pending.values():
+        groups = bucket_list[slots[0][0]].shard_groups
+        flat = torch.cat([torch.stack(parts[i][j]).float().to(dev) for i, j in slots]).square()
+        for group in groups:
+            dist.all_reduce(flat, group=group)
+        whole = flat.sqrt().split([len(parts[i][j]) for i, j in slots])
+        for (i, j), w in zip(slots, whole):
+            parts[i][j] = list(w.unbind())
+    return parts
+
+
+def _norm_terms(variant: str, parts: list[list[torch.Tensor]]) -> tuple[list, list | None]:
+    """(t_l, extra factor of u_l or None) from whole-tensor norms (the table above)."""
+    if variant == "asam-layer":
+        wnorms, gnorms = parts
+        return list(torch._foreach_mul(wnorms, gnorms)), list(torch._foreach_mul(wnorms, wnorms))
+    return parts[0], None
 
 
 def scales(
@@ -206,19 +270,24 @@ def perturb_(
         return [], [], None
     dirs = [_directions(b, variant, ascent_weight_decay, inplace, grad_scale) for b in bucket_list]
     dev = bucket_list[0].params[0].device
-    norms = torch.stack([t.float().to(dev, non_blocking=True) for _, ts, _ in dirs for t in ts])
+    parts = _whole_norms(bucket_list, [p for _, p, _ in dirs], dev)
+    terms = [_norm_terms(variant, p) for p in parts]
+    norms = torch.stack([t.float().to(dev, non_blocking=True) for ts, _ in terms for t in ts])
 
     def per_tensor(attr: str) -> torch.Tensor:
-        values = [getattr(b, attr) for b, (_, ts, _) in zip(bucket_list, dirs) for _ in ts]
+        values = [getattr(b, attr) for b, (ts, _) in zip(bucket_list, terms) for _ in ts]
         return torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True)
 
     s, finite = scales(rule, norms, per_tensor("num"), per_tensor("den"), per_tensor("rho"), eps)
     s = s.unbind()
     all_params, all_eps = [], []
     i = 0
-    for b, (u, ts, owned) in zip(bucket_list, dirs):
+    for b, (u, _, owned), (ts, extra) in zip(bucket_list, dirs, terms):
         dtype = b.params[0].dtype
-        scale = [t.to(dtype) for t in s[i : i + len(ts)]]
+        scale = s[i : i + len(ts)]
+        if extra is not None:
+            scale = [a * e.to(a.device) for a, e in zip(scale, extra)]
+        scale = [t.to(dtype) for t in scale]
         i += len(ts)
         if owned:
             torch._foreach_mul_(u, scale)

@@ -205,9 +205,11 @@ class SAM(torch.optim.Optimizer):
         # With zero_grad the ε tensors are the consumed gradients (or temporaries): turn them
         # into W + ε in place and swap storages, so W itself is the saved copy and restoring
         # is a pointer swap (no copies).  Slices of larger storages take the copy path.
+        owners = [p for b in bl for p in b.owners]
         swap = (
             zero_grad
             and bool(params)
+            and not any(b.sharded for b in bl)  # FSDP2 reads its own shard buffers: copy
             and all(
                 type(e) is torch.Tensor
                 and _owns_storage(e)  # not a slice of e.g. a DDP gradient bucket
@@ -224,8 +226,8 @@ class SAM(torch.optim.Optimizer):
                 p.data = e
         else:
             saved = []
-            for p in params:
-                st = self.state[p]
+            for owner, p in zip(owners, params):
+                st = self.state[owner]
                 buf = st.get("w_saved")
                 if (
                     buf is None
@@ -240,6 +242,7 @@ class SAM(torch.optim.Optimizer):
                 torch._foreach_add_(params, eps)
         self._swapped = swap
         self._perturbed = params
+        self._owners = owners
         self._saved = saved
         self._finite = finite
         self._pending = True
@@ -254,9 +257,9 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError(
                 "perturbation() is only available between first_step() and second_step()"
             )
-        for q, saved in zip(self._perturbed, self._saved):
-            if q is p:
-                return p.detach() - saved
+        for owner, q, saved in zip(self._owners, self._perturbed, self._saved):
+            if owner is p:
+                return q.detach() - saved
         return None
 
     @torch.no_grad()
@@ -284,7 +287,12 @@ class SAM(torch.optim.Optimizer):
         """
         finite1 = self._finite
         self.restore()
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [
+            perturbation.local_tensor(p.grad)
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        ]
         if finite1 is not None and grads and (scaler is not None or self.nonfinite != "ignore"):
             # an overflow in the ascent pass poisons the descent gradient, so that every
             # finiteness check downstream (ours or GradScaler's) skips the whole step

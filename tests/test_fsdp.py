@@ -1,0 +1,161 @@
+"""SAM under FSDP2 (``fully_shard``, parameters as DTensors sharded on dim 0), 2 processes on
+CPU with gloo: the perturbation is built from whole-tensor norms, applied to the local shards,
+restored exactly, and 2 processes equal 1 process on the concatenated batch.  ``mupp train``
+with ``parallel="fsdp"`` checkpoints through torch.distributed.checkpoint and resumes
+bit-identically on the same ranks, and on another number of ranks."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp
+import torch.nn.functional as F
+from conftest import mlp, prepared_mlp
+
+import mupp
+from mupp.distributed import sam_passes
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+STEPS = 3
+# (rule, variant, parameterization, set_base_shapes after sharding)
+CASES = [
+    ("LP", "sam", "mupp", False),
+    ("DP", "sam", "mupp", False),
+    ("LP", "last-layer", "mup-global", False),
+    ("LP", "asam-layer", "mupp", False),
+    ("LP", "sam", "mupp", True),
+]
+
+
+def data(step, rank=None):
+    g = torch.Generator().manual_seed(100 + step)
+    x, y = torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)
+    if rank is None:
+        return x, y
+    return x[rank * 8 : (rank + 1) * 8], y[rank * 8 : (rank + 1) * 8]
+
+
+def make_sam(model, rule, variant, parameterization):
+    return mupp.SAM(
+        model.parameters(),
+        torch.optim.SGD,
+        lr=0.05,
+        rho=0.1,
+        rule=rule,
+        variant=variant,
+        parameterization=parameterization,
+        momentum=0.9,
+        model=model,
+    )
+
+
+def _one_case(rank, rule, variant, parameterization, shapes_after):
+    torch.manual_seed(0)
+    model = prepared_mlp(32, 8) if not shapes_after else mlp(32)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fsdp.fully_shard(layer)
+    fsdp.fully_shard(model)
+    if shapes_after:  # roles and fans from the global shapes of the DTensors
+        mupp.set_base_shapes(model, mlp(8), delta=mlp(16))
+    opt = make_sam(model, rule, variant, parameterization)
+    for step in range(STEPS):
+        x, y = data(step, rank)
+        sam_passes(model, opt, lambda x=x, y=y: F.cross_entropy(model(x), y))
+    # a non-finite gradient on one rank only: every rank skips the step
+    x, y = data(STEPS, rank)
+    if rank == 1:
+        x[0, 0] = float("inf")
+    sam_passes(model, opt, lambda x=x, y=y: F.cross_entropy(model(x), y))
+    with pytest.raises(ValueError, match="not available under FSDP2"):
+        sam_passes(model, opt, lambda x=x, y=y: F.cross_entropy(model(x), y), "local")
+    # SAM's own communication: one all-reduce of the squared norms in first_step, one of the
+    # finiteness flag in second_step (FSDP2's all-gathers and reduce-scatters aside)
+    calls = []
+    real = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        F.cross_entropy(model(x * 0), y).backward()
+        opt.first_step(zero_grad=True)
+        n_first = len(calls)
+        F.cross_entropy(model(x * 0), y).backward()
+        opt.second_step(zero_grad=True)
+    finally:
+        dist.all_reduce = real
+    return {
+        "all_reduces": (n_first, len(calls) - n_first),
+        "params": [p.full_tensor().detach() for p in model.parameters()],
+        "skipped": opt.skipped_steps,
+        "roles": [r["role"] for r in mupp.describe(model)],
+    }
+
+
+def _worker(rank, world, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = [_one_case(rank, *case) for case in CASES]
+    if rank == 0:
+        torch.save(results, out_file)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fsdp")
+    tmp.spawn(_worker, args=(2, str(d / "init"), str(d / "out.pt")), nprocs=2)
+    return torch.load(d / "out.pt")
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=["-".join(map(str, c)) for c in CASES])
+def test_fsdp2_equals_one_process_on_the_concatenated_batch(fsdp_results, case):
+    rule, variant, parameterization, _ = CASES[case]
+    got = fsdp_results[case]
+    torch.manual_seed(0)
+    model = prepared_mlp(32, 8)
+    opt = make_sam(model, rule, variant, parameterization)
+    for step in range(STEPS):
+        x, y = data(step)
+        sam_passes(model, opt, lambda x=x, y=y: F.cross_entropy(model(x), y))
+    assert (
+        got["skipped"] == 2
+    )  # + the step in the communication count, whose x*0 is nan  # both ranks skipped the step with the non-finite gradient
+    assert got["roles"] == ["input", "hidden", "output"]
+    assert got["all_reduces"] == (1, 1)
+    for a, b in zip(got["params"], model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
+
+
+def torchrun(nproc, out, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc-per-node", str(nproc), "-m", "mupp", "train", "--dataset", "synthetic"]
+    cmd += ["--width", "64", "--base-width", "32", "--epochs", "2", "--momentum", "0.9"]
+    cmd += ["--set", "train_subset=256", "--set", "test_subset=128", "--set", 'parallel="fsdp"']
+    cmd += ["--out", str(out), "--no-progress", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_mupp_train_fsdp_sharded_checkpoints_resume(tmp_path):
+    full = tmp_path / "full"
+    out = torchrun(2, full)
+    assert out.count("best test acc") == 1  # rank 0 reports
+    part = tmp_path / "part"
+    torchrun(2, part, "--stop-after-epochs", "1")
+    ckpt = part / "checkpoint"
+    assert (ckpt / ".metadata").is_file() and (ckpt / "mupp.json").is_file()
+    assert len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
+    other = tmp_path / "other"
+    shutil.copytree(part, other)
+    torchrun(2, part, "--resume")
+    want = json.loads((full / "result.json").read_text())["history"]
+    assert json.loads((part / "result.json").read_text())["history"] == want  # bit-identical
+    torchrun(1, other, "--resume")  # the 2-rank checkpoint, resharded onto 1 rank
+    got = json.loads((other / "result.json").read_text())["history"]
+    assert got[0] == want[0] and len(got) == 2
+    assert got[1]["train_loss"] == pytest.approx(want[1]["train_loss"], rel=1e-4)
