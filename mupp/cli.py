@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -100,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="mupp", description="μP² for Sharpness-Aware Minimization")
     p.add_argument("--version", action="version", version=f"mupp {__version__}")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error (also: environment variable MUPP_DEBUG=1)",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("data", help="dataset info and download")
@@ -163,7 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
+        # bad input, understood where it was found: one clear line (--debug: the traceback)
+        if args.debug or os.environ.get("MUPP_DEBUG"):
+            raise
         print(f"mupp: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `mupp models | head`

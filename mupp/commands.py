@@ -248,6 +248,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         config["augment"] = True
     _apply_sets(config, args.set)
     cfg = TrainConfig.from_dict(config)
+    if args.resume and args.restart:
+        raise ValueError("give either --resume or --restart, not both")
+    if args.restart and args.out:
+        _discard_checkpoint(args.out)
     result = train(
         cfg,
         args.out,
@@ -266,6 +270,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.out:
         print(f"wrote {args.out}/result.json")
     return 0
+
+
+def _discard_checkpoint(out: str) -> None:
+    """``--restart``: remove the run's checkpoint (file or sharded directory) and record."""
+    import shutil
+    from pathlib import Path
+
+    from .distributed import world
+
+    if world()[0] != 0:
+        return
+    folder = Path(out)
+    for name in ("checkpoint.pt", "checkpoint.pt.tmp", "result.json"):
+        (folder / name).unlink(missing_ok=True)
+    for name in ("checkpoint", "checkpoint.tmp"):
+        shutil.rmtree(folder / name, ignore_errors=True)
 
 
 def preset_names() -> list[str]:
@@ -301,7 +321,13 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict, list | None]:
         else {}
     )
     base = dict(spec.get("train", {}))
-    grid = {k: list(v) for k, v in spec.get("grid", {}).items()}
+    raw_grid = spec.get("grid", {})
+    if not isinstance(raw_grid, dict):
+        raise ValueError(f"[grid] must be a table of KEY = [values]; got {raw_grid!r}")
+    for k, v in raw_grid.items():
+        if not isinstance(v, list) or not v:
+            raise ValueError(f"[grid] {k} must be a non-empty list, e.g. {k} = [{v!r}]; got {v!r}")
+    grid = {k: list(v) for k, v in raw_grid.items()}
     if args.data_dir:
         base["data_dir"] = args.data_dir
     _apply_sets(base, args.set)
@@ -329,22 +355,34 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict, list | None]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep
+    from . import data
+    from .sweep import grid_points, run_sweep
 
     base, grid, order = _sweep_spec(args)
+    if base.get("dataset", "cifar10") != "synthetic":  # before any worker starts
+        data.load(base.get("dataset", "cifar10"), base.get("data_dir"))
     results = run_sweep(
         grid,
         base,
         args.out,
-        order=order,
-        keep_checkpoints=args.keep_checkpoints,
         storage=args.storage,
         workers=args.workers,
         progress=not args.no_progress,
         reclaim_running=args.reclaim_running,
         vectorize={"auto": None, "on": True, "off": False}[args.vectorize],
+        order=order,
+        keep_checkpoints=args.keep_checkpoints,
     )
-    print(f"sweep finished: {len(results)} results in {args.out}")
+    total = len(grid_points(grid))
+    if len(results) < total:
+        print(
+            f"sweep incomplete: {len(results)} of {total} grid points have results in "
+            f"{args.out}; the others are queued or running in another worker. A killed worker's "
+            "trial is re-queued once its heartbeat is stale (about 10 s): rerun this command to "
+            "resume."
+        )
+        return 0 if args.allow_partial else 3
+    print(f"sweep finished: {len(results)} of {total} grid points have results in {args.out}")
     return 0
 
 
@@ -458,6 +496,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", default=None, help="directory for checkpoint.pt and result.json")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     t.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the checkpoint and record in --out and start the run over",
+    )
+    t.add_argument(
         "--stop-after-epochs",
         type=int,
         default=None,
@@ -487,6 +530,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="re-run trials left RUNNING by killed workers now (no other worker alive)",
     )
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="exit 0 even when grid points are still queued or running elsewhere (default: 3)",
+    )
     s.add_argument(
         "--keep-checkpoints",
         action="store_true",

@@ -15,6 +15,7 @@ import os
 import pickle
 import tarfile
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,24 +111,44 @@ def _load_npz(root: Path) -> Dataset | None:
     path = root / "cifar10.npz"
     if not path.exists():
         return None
-    with np.load(path, allow_pickle=False) as z:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
-        if missing:
-            raise ValueError(f"{path}: missing arrays {sorted(missing)}")
+    try:
+        z = np.load(path, allow_pickle=False)
+        arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"{path} is not a readable npz archive ({type(e).__name__}: {e}); it may be "
+            "truncated: download it again (mupp data download cifar10 --data-dir DIR)"
+        ) from None
+    missing = {"x_train", "y_train", "x_test", "y_test"} - set(arrays)
+    if missing:
+        raise ValueError(f"{path}: missing arrays {sorted(missing)}")
 
-        def split(x: np.ndarray, y: np.ndarray) -> Split:
-            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if x.shape[-1] == 3 else x
-            return Split(torch.from_numpy(x.astype(np.uint8)), torch.from_numpy(y.astype(np.int64)))
+    def split(xk: str, yk: str) -> Split:
+        x, y = arrays[xk], arrays[yk]
+        if x.dtype != np.uint8:
+            raise ValueError(f"{path}: {xk} must be uint8 images (0-255); got dtype {x.dtype}")
+        if x.ndim != 4 or (x.shape[1:] != (32, 32, 3) and x.shape[1:] != (3, 32, 32)):
+            raise ValueError(
+                f"{path}: {xk} must have shape (N, 32, 32, 3) or (N, 3, 32, 32); got {x.shape}"
+            )
+        if y.ndim != 1 or len(y) != len(x):
+            raise ValueError(
+                f"{path}: {yk} must hold one label per image ({len(x)}); got shape {y.shape}"
+            )
+        if not np.issubdtype(y.dtype, np.integer) or (len(y) and (y.min() < 0 or y.max() > 9)):
+            raise ValueError(f"{path}: {yk} must be integer labels in 0..9")
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if x.shape[-1] == 3 else x
+        return Split(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
 
-        exact = torch.from_numpy(z["test_is_lossless"]) if "test_is_lossless" in z.files else None
-        return Dataset(
-            "cifar10",
-            split(z["x_train"], z["y_train"]),
-            split(z["x_test"], z["y_test"]),
-            10,
-            str(path),
-            exact,
-        )
+    exact = arrays.get("test_is_lossless")
+    return Dataset(
+        "cifar10",
+        split("x_train", "y_train"),
+        split("x_test", "y_test"),
+        10,
+        str(path),
+        None if exact is None else torch.from_numpy(exact),
+    )
 
 
 def download_archive(name: str, root: str | os.PathLike) -> Path:

@@ -287,6 +287,14 @@ def set_base_shapes(
                 dshape = delta_shapes.get(name)
                 if dshape is None or len(dshape) != len(shape):
                     raise ValueError(f"delta does not match model at parameter {name}")
+                for i, (s_, b_, d_) in enumerate(zip(shape, bshape, dshape)):
+                    if s_ != b_ and d_ == b_:
+                        raise ValueError(
+                            f"{name}: dimension {i} is {s_} in the model and {b_} in base, but "
+                            f"{d_} in delta, which varies only the width: does base (or delta) "
+                            "have another input or output size than the model? Build them "
+                            "with the model's input and output sizes"
+                        )
                 width = tuple(w or (dd != b) for w, dd, b in zip(width, dshape, bshape))
         in_dims, out_dims, source = _fan_dims(module, pname, len(shape), width)
         ov = _match_override(overrides, name)

@@ -42,10 +42,48 @@ def storage_url(out_dir: str | os.PathLike, storage: str | None = None) -> str:
     return f"sqlite:///{Path(out_dir).resolve() / 'sweep.db'}"
 
 
-def make_storage(url: str):
-    """Optuna storage with heartbeats: ``journal:PATH`` for a journal file, else an RDB URL."""
-    import optuna
+def storage_driver_url(url: str) -> str:
+    """``url`` with a driver SQLAlchemy can load: a plain ``postgresql://`` means psycopg 3 to
+    SQLAlchemy 2, so it is mapped to psycopg2 where only that one is installed.  Bad URLs get a
+    ``ValueError`` naming ``--storage`` and the accepted forms."""
+    if url.startswith("journal:"):
+        if not url[len("journal:") :]:
+            raise ValueError("--storage journal:PATH needs a file path")
+        return url
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
+    forms = "sqlite:///PATH, postgresql://USER@HOST/DB, mysql://USER@HOST/DB or journal:PATH"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"--storage must be a database URL ({forms}); got {url!r}") from None
+    if parsed.drivername == "postgresql":
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None:
+            if importlib.util.find_spec("psycopg2") is None:
+                raise ValueError(
+                    "--storage postgresql:// needs a PostgreSQL driver: pip install 'mupp[postgres]'"
+                )
+            parsed = parsed.set(drivername="postgresql+psycopg2")
+    try:
+        parsed.get_dialect()
+    except Exception:  # NoSuchModuleError or the driver's ImportError
+        raise ValueError(
+            f"--storage: no database driver for {parsed.drivername!r} is installed or known "
+            f"({forms})"
+        ) from None
+    return parsed.render_as_string(hide_password=False)
+
+
+def make_storage(url: str):
+    """Optuna storage with heartbeats: ``journal:PATH`` for a journal file, else an RDB URL.
+    An unreachable or unreadable database is a ``ValueError`` with one clear line."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    url = storage_driver_url(url)
     if url.startswith("journal:"):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -53,12 +91,32 @@ def make_storage(url: str):
         return JournalStorage(JournalFileBackend(url[len("journal:") :]))
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=HEARTBEAT_INTERVAL,
-            grace_period=GRACE_PERIOD,
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
-        )
+        try:
+            # two processes that open a new SQLite file at once would both create its tables
+            with pop_lock(url):
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=HEARTBEAT_INTERVAL,
+                    grace_period=GRACE_PERIOD,
+                    engine_kwargs={"connect_args": {"timeout": 60}}
+                    if url.startswith("sqlite")
+                    else {},
+                )
+        except SQLAlchemyError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ValueError(
+                f"--storage {_redact(url)}: the database cannot be opened ({first[:200]}); is the "
+                "server reachable and the file a sweep database?"
+            ) from None
+
+
+def _redact(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
 
 
 def pop_lock(url: str):
@@ -157,13 +215,15 @@ def _study(url: str, grid: Mapping[str, Sequence[Any]] | None, create: bool, sto
     storage = storage if storage is not None else make_storage(url)
     sampler = optuna.samplers.GridSampler(dict(grid), seed=0) if grid else None
     if create:
-        return optuna.create_study(
-            study_name=STUDY_NAME,
-            storage=storage,
-            sampler=sampler,
-            direction="maximize",
-            load_if_exists=True,
-        )
+        # two `mupp sweep` started together on a new SQLite file would both create the tables
+        with pop_lock(url):
+            return optuna.create_study(
+                study_name=STUDY_NAME,
+                storage=storage,
+                sampler=sampler,
+                direction="maximize",
+                load_if_exists=True,
+            )
     return optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
 
 
@@ -187,14 +247,20 @@ def prepare(
 
     study = _study(url, grid, create=True)
     stored = study.user_attrs.get("base_config")
+    new_grid = {k: list(v) for k, v in grid.items()}
     if stored is None:
         study.set_user_attr("base_config", dict(base_config))
-        study.set_user_attr("grid", {k: list(v) for k, v in grid.items()})
-    elif stored != dict(base_config) or study.user_attrs.get("grid") != {
-        k: list(v) for k, v in grid.items()
-    }:
+        study.set_user_attr("grid", new_grid)
+    elif stored != dict(base_config) or study.user_attrs.get("grid") != new_grid:
         raise ValueError(
-            "this output directory/storage holds a sweep with a different configuration or grid"
+            "this output directory/storage holds a sweep with a different configuration or "
+            "grid: "
+            + config_diff(
+                {**stored, **_prefixed(study.user_attrs.get("grid", {}))},
+                {**dict(base_config), **_prefixed(new_grid)},
+            )
+            + ". Rerun with the stored settings to resume, or use another --out/--storage for "
+            "the new sweep (finished results stay where they are)"
         )
     optuna.storages.fail_stale_trials(study)
     if reclaim_running:
@@ -221,6 +287,21 @@ def prepare(
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     return {"done": len(done), "running": running, "enqueued": enqueued, "waiting": waiting}
+
+
+def _prefixed(grid: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"grid.{k}": v for k, v in grid.items()}
+
+
+def config_diff(stored: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """``key: stored -> new`` for every key whose value differs."""
+    keys = sorted(set(stored) | set(new))
+    parts = [
+        f"{k}: {stored.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+        for k in keys
+        if stored.get(k, "(unset)") != new.get(k, "(unset)")
+    ]
+    return "; ".join(parts) or "(no difference)"
 
 
 def _heartbeat(storage, trial_ids: list[int], stop: threading.Event) -> None:
@@ -436,8 +517,15 @@ def run_sweep(
     total = counts["done"] + counts["waiting"] + counts["running"]
     print(
         f"sweep: {total} grid points, {counts['done']} done, {counts['waiting']} queued "
-        f"({counts['enqueued']} newly), {counts['running']} running elsewhere; storage {url}"
+        f"({counts['enqueued']} newly), {counts['running']} running elsewhere; storage "
+        f"{_redact(url)}"
     )
+    if counts["running"]:
+        print(
+            f"  a trial left running by a killed worker is re-queued once its heartbeat is "
+            f"{GRACE_PERIOD + HEARTBEAT_INTERVAL} s stale (rerun then, or --reclaim-running "
+            "when no other worker is alive)"
+        )
     if workers == 1:
         _run_with_progress(
             url, str(out_dir), total, counts["done"], progress, None, vectorize, keep_checkpoints

@@ -84,13 +84,48 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
         for name in ("lr", "rho", "momentum", "weight_decay", "label_smoothing", "warmup_epochs"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            if not (_is_number(v) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a non-negative finite number; got {v!r}")
-        if not (isinstance(self.label_noise, (int, float)) and 0 <= self.label_noise < 1):
+        if not (_is_number(self.label_noise) and 0 <= self.label_noise < 1):
             raise ValueError(f"label_noise must be a fraction in [0, 1); got {self.label_noise!r}")
-        for name in ("batch_size", "epochs"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)!r}")
+        for name in ("batch_size", "epochs", "train_subset", "test_subset"):
+            v = getattr(self, name)
+            if v is None and name.endswith("subset"):
+                continue
+            if not (_is_integer(v) and v >= 1):
+                raise ValueError(f"{name} must be a whole number >= 1; got {v!r}")
+            setattr(self, name, int(v))
+        for name in ("seed", "label_noise_seed"):
+            if not _is_integer(getattr(self, name)):
+                raise ValueError(f"{name} must be a whole number; got {getattr(self, name)!r}")
+        for name in ("width", "base_width"):
+            v = getattr(self, name)
+            if v is None and name == "base_width":
+                continue
+            if not (_is_number(v) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive number; got {v!r}")
+            if self.model in ("mlp", "vit") and not float(v).is_integer():
+                raise ValueError(
+                    f"{name} of the {self.model} is a number of units, a whole number; got {v!r} "
+                    "(ResNets take a fractional width multiplier)"
+                )
+        for name in ("nesterov", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false; got {getattr(self, name)!r}")
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs must be a mapping; got {self.model_kwargs!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {self.device!r} is not available here (torch.cuda.is_available() is "
+                "False); use device 'cpu'"
+            )
+        try:  # unknown or invalid model options fail now, not after loading the data
+            with torch.device("meta"):
+                _make_model(self, 10)
+        except TypeError as e:
+            raise ValueError(
+                f"model_kwargs {self.model_kwargs!r} do not fit the {self.model}: {e}"
+            ) from None
         return self
 
     @classmethod
@@ -105,17 +140,35 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_integer(v: Any) -> bool:
+    return _is_number(v) and float(v).is_integer()
+
+
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a TOML or YAML config file into a dict."""
+    """Read a TOML or YAML config file into a dict (a malformed file: ``ValueError`` naming
+    the file and the problem)."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        return yaml.safe_load(text) or {}
-    import tomllib
+            data = yaml.safe_load(text) or {}
+        else:
+            import tomllib
 
-    return tomllib.loads(text)
+            data = tomllib.loads(text)
+    except Exception as e:  # the parsers' own error types (TOMLDecodeError, YAMLError)
+        raise ValueError(f"config file {str(path)!r} is malformed: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a table of options")
+    return data
 
 
 def _make_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
@@ -242,8 +295,8 @@ def train(
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg.validate()
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None and out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {str(out)!r} is a file; expected a directory")
     ds = dataset if dataset is not None else data_mod.load(cfg.dataset, cfg.data_dir, seed=cfg.seed)
     train_split, test_split = splits(cfg, ds)
     flatten = cfg.model == "mlp"
@@ -276,6 +329,8 @@ def train(
     # SAM steps its base optimizer (they share param groups): the scheduler follows that one
     sched_opt = opt.base_optimizer if isinstance(opt, SAM) else opt
     sched = torch.optim.lr_scheduler.LambdaLR(sched_opt, _lr_lambda(cfg, steps_per_epoch))
+    if out is not None:  # created only now that the run is known to start
+        out.mkdir(parents=True, exist_ok=True)
     ckpt = _Checkpoint(out, cfg, sharded, writer=rank == 0) if out is not None else None
     history: list[dict[str, float]] = []
     start_epoch, elapsed = 0, 0.0
@@ -370,6 +425,70 @@ def train(
     return result
 
 
+CHECKPOINT_MAGIC = b"mupp-checkpoint sha256="
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted or read: corrupt, truncated, or unsafe to load."""
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write ``state`` (tensors and plain data only) atomically, with a SHA-256 checksum of
+    its bytes in a one-line header, so that :func:`load_checkpoint` detects corruption."""
+    import hashlib
+    import io
+
+    buf = io.BytesIO()
+    torch.save(dict(state), buf)
+    payload = buf.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(CHECKPOINT_MAGIC + digest + b"\n")
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`: verify its checksum, then load it
+    with ``torch.load(weights_only=True)``, which never runs code from the file.  A checkpoint
+    of an older mupp (no checksum) loads when it holds only tensors and plain data.  Anything
+    else raises :class:`CheckpointError` saying what to do."""
+    import hashlib
+    import io
+    import pickle
+
+    path = Path(path)
+    data = path.read_bytes()
+    remedy = (
+        f"delete {path.parent} (or rerun with --restart) to start the run over, or resume "
+        "from a copy you trust"
+    )
+    if data.startswith(CHECKPOINT_MAGIC):
+        header, _, payload = data.partition(b"\n")
+        want = header[len(CHECKPOINT_MAGIC) :].decode("ascii", "replace")
+        if hashlib.sha256(payload).hexdigest() != want:
+            raise CheckpointError(
+                f"{path} is corrupt: its checksum does not match its contents; {remedy}"
+            )
+    else:
+        payload = data  # an older mupp checkpoint: no checksum to verify
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} cannot be loaded safely ({first[:200]}): it is truncated, corrupt, or holds "
+            f"objects other than tensors and plain data; {remedy}"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a mupp checkpoint; {remedy}")
+    return state
+
+
 class _Checkpoint:
     """A run's checkpoint: ``checkpoint.pt`` (one file, written by rank 0), or for sharded
     runs a ``checkpoint/`` directory of ``torch.distributed.checkpoint`` shards (every rank
@@ -406,9 +525,7 @@ class _Checkpoint:
                 optimizer=opt.state_dict(),
                 rng=torch.get_rng_state(),
             )
-            tmp = self.path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, self.path)
+            save_checkpoint(state, self.path)
             return
         import shutil
 
@@ -429,7 +546,7 @@ class _Checkpoint:
 
     def load(self, model, opt, sched) -> tuple[list, int, float]:
         if not self.sharded:
-            state = torch.load(self.path, weights_only=False)
+            state = load_checkpoint(self.path)
             self._check_config(state["config"])
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])

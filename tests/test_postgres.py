@@ -65,7 +65,7 @@ def postgres_url():
         prefix + start, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60
     )
     try:
-        url = f"postgresql+psycopg2://mupp@127.0.0.1:{port}/postgres"
+        url = f"postgresql://mupp@127.0.0.1:{port}/postgres"  # the README's form
         deadline = time.time() + 20
         while time.time() < deadline:
             with socket.socket() as s:
@@ -85,3 +85,30 @@ def test_two_workers_on_postgresql(postgres_url, tmp_path):
     base = dict(dataset="synthetic", base_width=32, epochs=1, batch_size=64)
     results = sweep.run_sweep(grid, base, tmp_path, storage=postgres_url, workers=2, progress=False)
     assert len(results) == 4 and len({r["point"] for r in results}) == 4
+
+
+def test_readme_postgres_url_from_the_command_line(postgres_url, tmp_path, capsys):
+    from mupp.cli import main
+
+    argv = ["sweep", "--grid", "lr=0.05", "--grid", "rho=0.0,0.1", "--grid", "width=32"]
+    argv += ["--set", 'dataset="synthetic"', "--set", "base_width=32", "--set", "epochs=1"]
+    argv += ["--storage", postgres_url, "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    assert "sweep finished: 2 of 2 grid points" in capsys.readouterr().out
+
+
+def test_unreachable_postgres_server_is_one_clear_line(tmp_path, capsys):
+    from mupp.cli import main
+
+    port = _free_port()  # nothing listens there
+    argv = [
+        "transfer",
+        "--storage",
+        f"postgresql://mupp@127.0.0.1:{port}/db",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mupp: error: --storage postgresql") and "cannot be opened" in err
+    assert len(err.strip().splitlines()) == 1

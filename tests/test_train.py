@@ -88,8 +88,16 @@ def test_sgd_baseline_resnet_and_adamw_paths():
     [
         (dict(optimizer="lion"), "optimizer must be one of"),
         (dict(lr=-1.0), "lr must be a non-negative finite number"),
-        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(batch_size=0), "batch_size must be a whole number >= 1"),
         (dict(lerning_rate=0.1), "unknown training options"),
+        (dict(epochs=1.5), "epochs must be a whole number >= 1"),
+        (dict(lr=True), "lr must be a non-negative finite number"),
+        (dict(train_subset=-100), "train_subset must be a whole number >= 1"),
+        (dict(width=64.7), "width of the mlp is a number of units"),
+        (dict(model_kwargs={"nope": 1}), "model_kwargs {'nope': 1} do not fit the mlp"),
+        (dict(model_kwargs=3), "model_kwargs must be a mapping"),
+        (dict(seed=0.5), "seed must be a whole number"),
+        (dict(augment="yes"), "augment must be true or false"),
     ],
 )
 def test_bad_config(kw, match):

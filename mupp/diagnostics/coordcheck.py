@@ -287,6 +287,8 @@ def last_layer_equivalence(
     same batches and reports per width ``gap = ||f_SAM - f_LL|| / ||f_SAM - f_SGD||`` on a probe
     batch: the share of SAM's effect on the function that last-layer SAM does *not* reproduce.
     It shrinks as width grows."""
+    if len(widths) < 2:
+        raise ValueError(f"widths needs at least 2 entries to fit a slope; got {list(widths)}")
     base = DEFAULT_BASE[model] if base_width is None else base_width
     ds = data_mod.load(dataset, data_dir)
     probe = _probe(model, ds)

@@ -49,17 +49,17 @@ def run_statistics(
 ) -> dict[str, Any]:
     """Fig. H.1's statistics for one finished run; ``{"config", "layers": {metric: {layer:
     value}}, "model": {metric: value}}``."""
-    from ..train import TrainConfig, _make_model
+    from ..train import TrainConfig, _make_model, load_checkpoint
 
     ckpt_path = Path(run_dir) / "checkpoint.pt"
     if not ckpt_path.is_file():
         raise FileNotFoundError(
             f"run_dir {str(run_dir)!r} has no checkpoint.pt: pass a directory written by "
-            "`mupp train --out` or a sweep's runs/<key>"
+            "`mupp train --out`, or a sweep's runs/<key> of a sweep run with --keep-checkpoints"
         )
     if probe_size < 2:
         raise ValueError(f"probe_size must be >= 2; got {probe_size}")
-    state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+    state = load_checkpoint(ckpt_path)
     cfg = TrainConfig.from_dict(state["config"])
     if dataset is None:
         dataset = data_mod.load(cfg.dataset, data_dir if data_dir is not None else cfg.data_dir)

@@ -122,10 +122,9 @@ def mup_param_groups(
 
 
 def _check_nonneg(name: str, value: Any) -> None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a non-negative finite number; got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise ValueError(f"{name} must be a non-negative finite number; got {value!r}")
+    v = float(value)
     if not (v >= 0.0 and v != float("inf")):
         raise ValueError(f"{name} must be a non-negative finite number; got {value!r}")
 

@@ -390,6 +390,35 @@ class SAM(torch.optim.Optimizer):
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load :meth:`state_dict`, after checking that it belongs to this model: the same
+        per-group scale factors (``lr``'s μP factor aside, which schedulers change) and state
+        tensors of the parameters' shapes.  A state dict of another width is refused, since
+        its momentum or Adam moments and factors would silently mismatch."""
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"optimizer state_dict has {len(groups)} param groups, this SAM has "
+                f"{len(self.param_groups)}: it belongs to another model, width or configuration"
+            )
+        for i, (saved, mine) in enumerate(zip(groups, self.param_groups)):
+            for key in ("perturb", "pert_num", "pert_den"):
+                if key in saved and key in mine and saved[key] != mine[key]:
+                    raise ValueError(
+                        f"optimizer state_dict: param group {i} has {key}={saved[key]!r}, this "
+                        f"SAM {mine[key]!r}: it was saved at another width or parameterization"
+                    )
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, st in state_dict.get("state", {}).items():
+            if not isinstance(idx, int) or idx >= len(params):
+                continue
+            for name, value in st.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    if tuple(value.shape) != tuple(params[idx].shape):
+                        raise ValueError(
+                            f"optimizer state_dict: {name!r} of parameter {idx} has shape "
+                            f"{tuple(value.shape)}, the parameter {tuple(params[idx].shape)}: it "
+                            "was saved for another width"
+                        )
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
 
