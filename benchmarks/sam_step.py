@@ -1,7 +1,9 @@
 """Time per training step, measured side by side in one run (CPU or CUDA).
 
-Methods: plain SGD; mupp SAM (μP², rules LP and DP); mupp last-layer SAM (its ascent pass
-skips the backward below the readout, Remark 3); plain SAM written the common way (Python
+Methods: plain SGD; mupp SAM (μP², rules LP and DP); mupp last-layer SAM as `mupp train` runs
+it (one forward and one backward, the first pass's features reused: mupp.optim.lastlayer) and
+through the two-pass step (its ascent pass skips the backward below the readout, Remark 3);
+plain SAM written the common way (Python
 loop over parameters, a stored copy); pytorch-optimizer's SAM when installed.  Models: the
 CIFAR MLP (batch 64) at several widths and a small ResNet.  Ratios are taken against SGD and
 against the common SAM of the same run.  Memory: persistent optimizer state of each SAM
@@ -75,6 +77,7 @@ def make_step(method: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
             "mupp-LP": {},
             "mupp-DP": {"rule": "DP"},
             "mupp-last-layer": {"variant": "last-layer"},
+            "mupp-last-layer-2pass": {"variant": "last-layer"},
         }[method]
         opt = mupp.SAM(
             model.parameters(),
@@ -85,6 +88,18 @@ def make_step(method: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
             nonfinite="ignore",
             **kw,
         )
+
+        if method == "mupp-last-layer":
+            from mupp.optim.lastlayer import LastLayerStep
+
+            fast = LastLayerStep(model, opt)
+
+            def step():
+                fast.step(x, y, F.cross_entropy)
+                opt.zero_grad()
+                assert fast.fast, fast.fallback_reason
+
+            return step, opt
 
         def step():
             opt.step(closure)
@@ -171,7 +186,14 @@ def main() -> None:
     widths = [int(w) for w in args.widths.split(",")]
     models = {f"mlp-{w}": (lambda w=w: MLP(w, base_width=64)) for w in widths}
     models["resnet8-0.5"] = lambda: ResNet8(0.5, 0.125)
-    methods = ["sgd", "mupp-LP", "mupp-DP", "mupp-last-layer", "common-sam"]
+    methods = [
+        "sgd",
+        "mupp-LP",
+        "mupp-DP",
+        "mupp-last-layer",
+        "mupp-last-layer-2pass",
+        "common-sam",
+    ]
     try:
         import pytorch_optimizer  # noqa: F401
 
@@ -195,6 +217,9 @@ def main() -> None:
         "ratio_mupp_over_sgd": {n: t["mupp-LP"][n] / t["sgd"][n] for n in names},
         "ratio_mupp_dp_over_sgd": {n: t["mupp-DP"][n] / t["sgd"][n] for n in names},
         "ratio_last_layer_over_sgd": {n: t["mupp-last-layer"][n] / t["sgd"][n] for n in names},
+        "ratio_last_layer_2pass_over_sgd": {
+            n: t["mupp-last-layer-2pass"][n] / t["sgd"][n] for n in names
+        },
         "ratio_mupp_over_common_sam": {n: t["mupp-LP"][n] / t["common-sam"][n] for n in names},
         "state_over_params": res["state_over_params"],
     }
@@ -205,13 +230,16 @@ def main() -> None:
         }
     print()
     print(
-        f"{'model':<14}{'mupp/SGD':>10}{'DP/SGD':>10}{'LL/SGD':>10}{'mupp/common':>13}{'mupp/peer':>11}"
+        f"{'model':<14}{'mupp/SGD':>10}{'DP/SGD':>10}{'LL/SGD':>10}{'LL2p/SGD':>10}"
+        f"{'mupp/common':>13}{'mupp/peer':>11}"
     )
     for n in names:
         peer = out.get("ratio_mupp_over_peer", {}).get(n, float("nan"))
         print(
             f"{n:<14}{out['ratio_mupp_over_sgd'][n]:>10.2f}{out['ratio_mupp_dp_over_sgd'][n]:>10.2f}"
-            f"{out['ratio_last_layer_over_sgd'][n]:>10.2f}{out['ratio_mupp_over_common_sam'][n]:>13.2f}{peer:>11.2f}"
+            f"{out['ratio_last_layer_over_sgd'][n]:>10.2f}"
+            f"{out['ratio_last_layer_2pass_over_sgd'][n]:>10.2f}"
+            f"{out['ratio_mupp_over_common_sam'][n]:>13.2f}{peer:>11.2f}"
         )
     print(
         "persistent SAM state / parameter size:",

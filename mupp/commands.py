@@ -431,6 +431,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """The overfitting regime in miniature (preset ``mlp-cifar10-demo``): ρ-slices at one η for
+    μP² and μP-global across widths, 2 seeds, SAM's gain with 95% intervals."""
     import json
     import time
     from pathlib import Path
@@ -439,7 +441,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .analysis import format_transfer, plot_sweep, rows_from_records, transfer_summary
     from .sweep import run_sweep
 
-    spec = load_preset("mlp-cifar10-quick")
+    spec = load_preset("mlp-cifar10-demo")
     base, grid = dict(spec["train"]), {k: list(v) for k, v in spec["grid"].items()}
     try:
         data.load("cifar10", args.data_dir)
@@ -448,12 +450,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"mupp demo: CIFAR-10 not found, using synthetic data instead.\n{e}")
         base["dataset"] = "synthetic"
         base.pop("train_subset", None)
+        base.pop("test_subset", None)
     t0 = time.time()
+    n_runs = len(grid["width"]) * len(grid["rho"]) * len(grid["setting"]) * len(grid["seed"])
     print(
-        f"mupp demo: {len(grid['width'])} widths x {len(grid['lr'])} lr x {len(grid['rho'])} rho x "
-        f"{len(grid['parameterization'])} parameterizations, {base['epochs']} epochs each, output in {args.out}"
+        f"mupp demo: {n_runs} grid points ({', '.join(grid['setting'])}; widths "
+        f"{grid['width']}; rho {grid['rho']} at lr {base['lr']}; seeds {grid['seed']}), "
+        f"{base['epochs']} epochs each; output in {args.out}"
     )
-    records = run_sweep(grid, base, args.out, workers=args.workers, progress=not args.no_progress)
+    records = run_sweep(
+        grid,
+        base,
+        args.out,
+        workers=args.workers,
+        progress=not args.no_progress,
+        order=spec.get("sweep", {}).get("order"),
+        keep_checkpoints=args.keep_checkpoints,
+    )
     rows = rows_from_records(records)
     paths = plot_sweep(rows, str(Path(args.out) / "sweep"))
     summary = transfer_summary(rows)
@@ -558,11 +571,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--json", default=None)
     tr.set_defaults(func=cmd_transfer)
 
-    d = sub.add_parser("demo", help="the main job: mlp-cifar10-quick sweep, then plot and transfer")
+    d = sub.add_parser(
+        "demo", help="SAM's gain across widths in the overfitting regime, in miniature (~10 min)"
+    )
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--data-dir", default=None)
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--keep-checkpoints", action="store_true", help="keep each run's weights")
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("coordcheck", help="perturbation and update coordinate check across widths")

@@ -25,6 +25,7 @@ from . import distributed
 from .models import MODELS, build
 from .optim import SAM, mup_param_groups
 from .optim.groups import PARAMETERIZATIONS
+from .optim.lastlayer import LastLayerStep
 from .optim.perturbation import RULES, VARIANTS
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -64,6 +65,8 @@ class TrainConfig:
     device: str = "cpu"
     perturbation_sync: str = "sync"  # under torchrun: "sync" (global ε) or "local" (per worker)
     parallel: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 shards)
+    # last-layer SAM in one forward and one backward (mupp.optim.lastlayer), on one process
+    last_layer_fast: bool = True
 
     def validate(self) -> TrainConfig:
         if self.data_dir is not None:  # one dataset, one identity, however the path was written
@@ -109,7 +112,7 @@ class TrainConfig:
                     f"{name} of the {self.model} is a number of units, a whole number; got {v!r} "
                     "(ResNets take a fractional width multiplier)"
                 )
-        for name in ("nesterov", "augment"):
+        for name in ("nesterov", "augment", "last_layer_fast"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false; got {getattr(self, name)!r}")
         if not isinstance(self.model_kwargs, dict):
@@ -338,6 +341,9 @@ def train(
         history, start_epoch, elapsed = ckpt.load(model, opt, sched)
     diverged = bool(history and history[-1].get("diverged"))
     use_sam = isinstance(opt, SAM)
+    one_pass = None
+    if use_sam and cfg.variant == "last-layer" and cfg.last_layer_fast and world_size == 1:
+        one_pass = LastLayerStep(model, opt)
     exact_mask = ds.test_exact[: len(test_split)] if ds.test_exact is not None else None
     end_epoch = cfg.epochs
     if stop_after_epochs is not None:
@@ -368,7 +374,12 @@ def train(
                 kept.setdefault("logits", logits.detach())
                 return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
 
-            if use_sam:
+            if one_pass is not None:
+                loss, logits = one_pass.step(
+                    x, y, lambda o, t: F.cross_entropy(o, t, label_smoothing=cfg.label_smoothing)
+                )
+                kept["logits"] = logits
+            elif use_sam:
                 loss = distributed.sam_passes(net, opt, loss_fn, cfg.perturbation_sync)
             else:
                 loss = loss_fn()

@@ -25,5 +25,33 @@ def with_base_shapes(
     return set_base_shapes(model, base_model, delta=delta_model, overrides=overrides)
 
 
+class Readout(nn.Linear):
+    """The readout ``output_mult · (W h + b)``: a ``Linear`` whose output multiplier lives inside
+    it, so that its output is the model's output (what last-layer SAM's one-pass step needs,
+    :mod:`mupp.optim.lastlayer`).  Parameter names and state dicts are those of ``nn.Linear``."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, output_mult: float = 1.0
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.output_mult = output_mult
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out if self.output_mult == 1.0 else out * self.output_mult
+
+
+class OutputMultMixin:
+    """``model.output_mult`` reads and writes the readout's multiplier (``self._readout``)."""
+
+    @property
+    def output_mult(self) -> float:
+        return self._readout().output_mult
+
+    @output_mult.setter
+    def output_mult(self, value: float) -> None:
+        self._readout().output_mult = value
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

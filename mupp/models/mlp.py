@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 from ..init import spectral_normal_
-from ._base import with_base_shapes
+from ._base import OutputMultMixin, Readout, with_base_shapes
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
-class MLP(nn.Module):
+class MLP(OutputMultMixin, nn.Module):
     """``f(ξ) = output_mult · W_{L+1} φ(... φ(input_mult · W_1 ξ))``.
 
     ``base_width`` sets base shapes (spectral μP relative to it, readout variance ``∝ 1/n²``).
@@ -41,10 +41,12 @@ class MLP(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}; got {activation!r}")
         dims = [d_in] + [width] * (depth - 1) + [d_out]
-        self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b, bias=bias) for a, b in zip(dims[:-2], dims[1:-1])
+        )
+        self.layers.append(Readout(dims[-2], dims[-1], bias=bias, output_mult=output_mult))
         self.act = ACTIVATIONS[activation]()
         self.input_mult = input_mult
-        self.output_mult = output_mult
         self.width = width
         if exact_bcd:
             base_width = 1
@@ -81,4 +83,7 @@ class MLP(nn.Module):
         h = self.layers[0](x) * self.input_mult
         for layer in self.layers[1:]:
             h = layer(self.act(h))
-        return h * self.output_mult
+        return h  # the readout applies output_mult
+
+    def _readout(self) -> Readout:
+        return self.layers[-1]

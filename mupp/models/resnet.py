@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..init import mup_init_
-from ._base import with_base_shapes
+from ._base import OutputMultMixin, Readout, with_base_shapes
 
 
 class BasicBlock(nn.Module):
@@ -30,7 +30,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(OutputMultMixin, nn.Module):
     """``stages``: blocks per stage; channels ``(64, 128, 256, 512)[:len(stages)] · width_mult``.
 
     ``base_width_mult`` sets base shapes (μP relative to it, Table G.1 uses 0.5) and applies
@@ -61,8 +61,7 @@ class ResNet(nn.Module):
                 layers.append(BasicBlock(c_in, c, 2 if (i > 0 and j == 0) else 1))
                 c_in = c
         self.layers = nn.Sequential(*layers)
-        self.linear = nn.Linear(c_in, num_classes)
-        self.output_mult = output_mult
+        self.linear = Readout(c_in, num_classes, output_mult=output_mult)
         if base_width_mult is not None:
             with_base_shapes(self, lambda w: ResNet(stages, w, None, num_classes), base_width_mult)
             mup_init_(self, readout_zero=readout_zero)
@@ -75,7 +74,10 @@ class ResNet(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layers(out)
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out) * self.output_mult
+        return self.linear(out)  # the readout applies output_mult
+
+    def _readout(self) -> Readout:
+        return self.linear
 
 
 def ResNet18(width_mult: float = 1.0, base_width_mult: float | None = 0.5, **kw) -> ResNet:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..init import mup_init_
-from ._base import with_base_shapes
+from ._base import OutputMultMixin, Readout, with_base_shapes
 
 # cls token and position embedding map "input 1" / a fixed position to the width: input-like
 _OVERRIDES = {
@@ -54,7 +54,7 @@ class Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
-class ViT(nn.Module):
+class ViT(OutputMultMixin, nn.Module):
     """ViT with patch embedding (a conv with kernel = stride = ``patch``), a cls token and a
     learned position embedding.  ``heads`` stays fixed as width grows (``d_head`` grows)."""
 
@@ -85,9 +85,8 @@ class ViT(nn.Module):
             Block(width, heads, mlp_ratio, base_head_dim, zero_query) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, num_classes)
+        self.head = Readout(width, num_classes, output_mult=output_mult)
         self.input_mult = input_mult
-        self.output_mult = output_mult
         if base_width is not None:
             kw = dict(
                 depth=depth,
@@ -117,4 +116,7 @@ class ViT(nn.Module):
         h = torch.cat([cls, tokens], dim=1) + self.pos_embed
         for blk in self.blocks:
             h = blk(h)
-        return self.head(self.norm(h[:, 0])) * self.output_mult
+        return self.head(self.norm(h[:, 0]))  # the readout applies output_mult
+
+    def _readout(self) -> Readout:
+        return self.head
