@@ -1,4 +1,4 @@
-"""μP initialization of any model whose base shapes are set (SPEC §2, App. F.7, App. G)."""
+"""μP initialization of any model whose base shapes are set (paper App. F.5, F.7, App. G)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The one place that decides every per-parameter width scale.
 
 Every factor is relative to base width (all factors are exactly 1 at width multiplier 1, so
-settings transfer from standard practice; SPEC §1, App. G).  Callers (base-optimizer μP, SAM,
+settings transfer from standard practice; paper Sec. 5, App. G).  Callers (base-optimizer μP, SAM,
 initialization, diagnostics) ask these functions and never recompute a scale.
 
 - :func:`lr_factor`: μP learning-rate factor for SGD (``fan_out/fan_in``) or Adam
@@ -45,7 +45,7 @@ def _ratio(info: WidthInfo) -> float:
 def lr_factor(
     info: WidthInfo, kind: str = "sgd", weight_multipliers: Mapping[str, float] | None = None
 ) -> float:
-    """μP learning-rate factor (SPEC §2, App. F.7): SGD ``fan_out/fan_in``, Adam ``1/fan_in``,
+    """μP learning-rate factor (paper App. F.5, F.7): SGD ``fan_out/fan_in``, Adam ``1/fan_in``,
     relative to base.  A weight multiplier ``m^-a`` multiplies it by ``m^{2a}`` (SGD) or
     ``m^a`` (Adam), App. F.6.1; the mup readout (``a = 1``) then trains like an input layer."""
     if kind not in OPTIMIZER_KINDS:

@@ -3,7 +3,7 @@
 ``set_base_shapes(model, base, delta)`` compares a model with a base model (and optionally a
 delta model of a third width) and records, per parameter, a :class:`WidthInfo`: shape, base
 shape, width dimensions, ``fan_in``/``fan_out`` and their multipliers, and the role
-(SPEC §1; paper App. F.5, F.7):
+(paper App. F.5, F.7):
 
 - ``input``: only ``fan_out`` grows (first layer, biases, normalization gains, embeddings);
 - ``hidden``: both grow (hidden Linear/Conv, attention projections incl. fused qkv);
@@ -247,7 +247,7 @@ def set_base_shapes(
     overrides: Mapping[str, str | Mapping[str, Any]] | None = None,
     savefile: str | os.PathLike | None = None,
 ) -> nn.Module:
-    """Record width metadata for every parameter of ``model`` (SPEC §1, App. F.5, F.7).
+    """Record width metadata for every parameter of ``model`` (paper App. F.5, F.7).
 
     ``base``: the base model (an ``nn.Module``, ideally built on the ``meta`` device), a dict of
     shapes, or a mup ``.bsh`` file (``null`` marks a finite dimension).  ``delta``: a model of a

@@ -509,6 +509,8 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Prepare the study (queue ``order``: :func:`grid_points`), run ``workers`` local processes to completion, return the results."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {str(out_dir)!r} is a file; expected a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     url = storage_url(out_dir, storage)
     if workers < 1:

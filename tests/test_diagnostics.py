@@ -1,4 +1,4 @@
-"""Diagnostics: the qualitative width exponents of SPEC §5 on a small synthetic setting, probes."""
+"""Diagnostics: the qualitative width exponents of the paper (Sec. 3, Fig. 2, App. H.1) on a small synthetic setting, probes."""
 
 import json
 

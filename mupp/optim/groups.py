@@ -1,4 +1,4 @@
-"""μP param groups for any base optimizer (SPEC §2, App. F.7), and MuSGD / MuAdamW.
+"""μP param groups for any base optimizer (paper App. F.5, F.7), and MuSGD / MuAdamW.
 
 Each user param group is split by per-parameter factors (as microsoft/mup does), so a plain
 ``torch.optim`` optimizer and any LR scheduler that rescales ``initial_lr`` keep working.  The
