@@ -280,13 +280,7 @@ def plot_sweep(rows: list[Mapping[str, Any]], prefix: str) -> list[str]:
             ax.set_xlabel("perturbation radius ρ")
             ax.set_ylabel("learning rate η")
             ax.set_title(f"{par}, width {w:g}")
-    fig.tight_layout()
-    paths = []
-    for ext in ("png", "pdf"):
-        p = f"{prefix}_heatmaps.{ext}"
-        fig.savefig(p, dpi=120)
-        paths.append(p)
-    plt.close(fig)
+    paths = _save(fig, prefix, "heatmaps")
 
     fig, axes = plt.subplots(1, len(pars), figsize=(5 * len(pars), 3.8), squeeze=False)
     pos_rhos = [r for r in rhos if r > 0]
@@ -320,12 +314,7 @@ def plot_sweep(rows: list[Mapping[str, Any]], prefix: str) -> list[str]:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{par}: at each width's best η\n(dashed: SGD at that η; bars: 95% CI)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    for ext in ("png", "pdf"):
-        p = f"{prefix}_slices.{ext}"
-        fig.savefig(p, dpi=120)
-        paths.append(p)
-    plt.close(fig)
+    paths += _save(fig, prefix, "slices")
     paths += plot_gain(rows, prefix)
     return paths
 
@@ -358,11 +347,18 @@ def plot_gain(rows: list[Mapping[str, Any]], prefix: str) -> list[str]:
     ax.set_ylabel("SAM gain over SGD (points)")
     ax.set_title("best SAM minus best SGD, paired by seed (95% CI)")
     ax.legend(fontsize=8)
+    return _save(fig, prefix, "gain")
+
+
+def _save(fig, prefix: str, kind: str) -> list[str]:
+    """Write ``{prefix}_{kind}.png`` and ``.pdf``, close the figure, return the paths."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     paths = []
     for ext in ("png", "pdf"):
-        p = f"{prefix}_gain.{ext}"
-        fig.savefig(p, dpi=120)
-        paths.append(p)
+        path = f"{prefix}_{kind}.{ext}"
+        fig.savefig(path, dpi=120)
+        paths.append(path)
     plt.close(fig)
     return paths

@@ -49,8 +49,7 @@ def _user_coordcheck(args: argparse.Namespace) -> dict:
     import torch
 
     from . import data
-    from .diagnostics import coord_data
-    from .optim import SAM
+    from .diagnostics.coordcheck import coord_data, sgd_sam
 
     make = load_factory(args.model)
     ds = data.load(args.dataset, args.data_dir)
@@ -69,15 +68,7 @@ def _user_coordcheck(args: argparse.Namespace) -> dict:
             )
 
     def make_optimizer(model):
-        return SAM(
-            model.parameters(),
-            torch.optim.SGD,
-            lr=args.lr,
-            rho=args.rho,
-            parameterization=args.parameterization,
-            variant=args.variant,
-            rule=args.rule,
-        )
+        return sgd_sam(model, args.parameterization, args.variant, args.rule, args.lr, args.rho)
 
     config = dict(
         model=args.model,

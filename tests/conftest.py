@@ -36,3 +36,12 @@ def mlp(width: int, d_in: int = 12, d_out: int = 5, bias: bool = False) -> nn.Se
 def prepared_mlp(width: int = 32, base: int = 8, bias: bool = False) -> nn.Sequential:
     model = mlp(width, bias=bias)
     return mupp.set_base_shapes(model, mlp(base, bias=bias), delta=mlp(2 * base, bias=bias))
+
+
+def step_data(step: int, rank: int | None = None):
+    """The batch of ``step`` for the multi-process tests (16 examples), or ``rank``'s half."""
+    g = torch.Generator().manual_seed(100 + step)
+    x, y = torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)
+    if rank is None:
+        return x, y
+    return x[rank * 8 : (rank + 1) * 8], y[rank * 8 : (rank + 1) * 8]

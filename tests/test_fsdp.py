@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 import torch.nn.functional as F
-from conftest import mlp, prepared_mlp
+from conftest import mlp, prepared_mlp, step_data
 
 import mupp
 from mupp.distributed import sam_passes
@@ -32,12 +32,7 @@ CASES = [
 ]
 
 
-def data(step, rank=None):
-    g = torch.Generator().manual_seed(100 + step)
-    x, y = torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)
-    if rank is None:
-        return x, y
-    return x[rank * 8 : (rank + 1) * 8], y[rank * 8 : (rank + 1) * 8]
+data = step_data
 
 
 def make_sam(model, rule, variant, parameterization):

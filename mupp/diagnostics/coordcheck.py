@@ -244,14 +244,17 @@ def _train(
     plain μP SGD)."""
     torch.manual_seed(seed)
     model = _build(model_name, width, base_width, dataset.num_classes, sp=parameterization == "sp")
-    opt = _sgd_sam(model, parameterization, variant, rule, lr, rho)
+    opt = sgd_sam(model, parameterization, variant, rule, lr, rho)
     gen = torch.Generator().manual_seed(seed)
     batches = _infinite_batches(dataset, batch_size, gen, model_name == "mlp")
     train_steps(model, opt, batches, steps)
     return model, opt, batches
 
 
-def _sgd_sam(model, parameterization, variant, rule, lr, rho) -> SAM:
+def sgd_sam(
+    model: torch.nn.Module, parameterization: str, variant: str, rule: str, lr: float, rho: float
+) -> SAM:
+    """:class:`mupp.SAM` over plain SGD: the optimizer of the built-in coordinate checks."""
     return SAM(
         model.parameters(),
         torch.optim.SGD,
@@ -384,7 +387,7 @@ def coordcheck(
     return coord_data(
         lambda w: _build(model, w, base, ds.num_classes, sp=parameterization == "sp"),
         widths,
-        lambda m: _sgd_sam(m, parameterization, variant, rule, lr, rho),
+        lambda m: sgd_sam(m, parameterization, variant, rule, lr, rho),
         lambda seed: _infinite_batches(
             ds, batch_size, torch.Generator().manual_seed(seed), model == "mlp"
         ),
