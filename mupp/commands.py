@@ -352,12 +352,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     base, grid, order = _sweep_spec(args)
     if base.get("dataset", "cifar10") != "synthetic":  # before any worker starts
         data.load(base.get("dataset", "cifar10"), base.get("data_dir"))
+    import os
+
     results = run_sweep(
         grid,
         base,
         args.out,
         storage=args.storage,
-        workers=args.workers,
+        workers=args.workers if args.workers is not None else (os.cpu_count() or 1),
         progress=not args.no_progress,
         reclaim_running=args.reclaim_running,
         vectorize={"auto": None, "on": True, "off": False}[args.vectorize],
@@ -527,7 +529,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training option")
     s.add_argument("--data-dir", default=None)
     _add_sweep_io(s)
-    s.add_argument("--workers", type=int, default=1, help="local worker processes")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local worker processes, one thread each (default: one per CPU core, the layout "
+        "that trained the most study runs per hour: benchmarks/study_run.py)",
+    )
     s.add_argument(
         "--reclaim-running",
         action="store_true",

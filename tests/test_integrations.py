@@ -60,7 +60,7 @@ class Tokens(torch.utils.data.Dataset):
 SAM_KW = dict(lr=0.5, rho=0.05, parameterization="mupp", momentum=0.9)
 
 
-def run_trainer(model, tmp_path, steps, accumulation=1):
+def run_trainer(model, tmp_path, steps, accumulation=1, max_grad_norm=0.0):
     from mupp.integrations.huggingface import SAMTrainer
 
     seen = []
@@ -77,7 +77,7 @@ def run_trainer(model, tmp_path, steps, accumulation=1):
         gradient_accumulation_steps=accumulation,
         learning_rate=SAM_KW["lr"],
         lr_scheduler_type="constant",
-        max_grad_norm=0.0,
+        max_grad_norm=max_grad_norm,
         report_to=[],
         save_strategy="no",
         logging_strategy="no",
@@ -138,6 +138,23 @@ def test_samtrainer_accumulation_is_m_sharpness(tmp_path):
         opt.base_optimizer.step()
         opt.zero_grad()
     for p, q in zip(model.parameters(), params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_samtrainer_clips_the_descent_gradient(tmp_path):
+    model = tiny_gpt2()
+    ref = copy.deepcopy(model)
+    mupp.reattach(ref)
+    batches = run_trainer(model, tmp_path, steps=2, max_grad_norm=0.05)
+    opt = mupp.SAM(ref.parameters(), torch.optim.SGD, **SAM_KW)
+    for b in batches:
+        ref(**b).loss.backward()
+        opt.first_step(zero_grad=True)
+        ref(**b).loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        assert norm > 0.05  # the clip is active
+        opt.second_step(zero_grad=True)
+    for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
