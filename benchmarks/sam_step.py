@@ -9,14 +9,21 @@ CIFAR MLP (batch 64) at several widths and a small ResNet.  Ratios are taken aga
 against the common SAM of the same run.  Memory: persistent optimizer state of each SAM
 implementation in units of the parameters' size.
 
-    python benchmarks/sam_step.py [--widths 256,1024,4096] [--steps 10] [--json out.json]
+    python benchmarks/sam_step.py [--widths 256,1024,4096] [--steps 10] [--memory] [--json out.json]
+
+``--memory`` also measures each method's peak memory in a fresh process (RSS high-water mark on
+CPU, reset before the steps; ``max_memory_allocated`` on CUDA) beyond the model, data and optimizer held before the
+first step, in units of the parameters' size.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -175,6 +182,76 @@ def bench(models: dict, methods: list[str], steps: int, repeats: int, device: st
     return {"times": times, "state_over_params": mem}
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    """This process's RSS high-water mark (VmHWM; ``ru_maxrss`` would carry the parent's
+    peak across ``exec`` on Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # sets the high-water mark to the current RSS (Linux)
+
+
+def measure_peak(model_name: str, method: str, steps: int, device: str) -> dict:
+    """Peak memory of ``steps`` training steps beyond what the model, its data and the
+    optimizer hold before the first step: RSS high-water mark on CPU (this process measures
+    one method only), ``max_memory_allocated`` on CUDA."""
+    torch.manual_seed(0)
+    make = _models([int(model_name[4:])] if model_name.startswith("mlp") else [])[model_name]
+    model = make().to(device)
+    x_shape = (64, 3072) if model_name.startswith("mlp") else (64, 3, 32, 32)
+    x = torch.randn(*x_shape, device=device)
+    y = torch.randint(0, 10, (64,), device=device)
+    step, _ = make_step(method, model, x, y)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        _reset_peak_rss()
+        before = _rss_bytes()
+        for _ in range(steps):
+            step()
+        peak = _peak_rss_bytes() - before
+    return {"peak_bytes": peak, "param_bytes": params}
+
+
+def memory_table(names: list[str], methods: list[str], steps: int, device: str) -> dict:
+    """:func:`measure_peak` for every model and method, each in a fresh process."""
+    out: dict[str, dict[str, float]] = {m: {} for m in methods}
+    for n in names:
+        for m in methods:
+            cmd = [sys.executable, __file__, "--measure-peak", n, m, "--device", device]
+            res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            out[m][n] = res["peak_bytes"] / res["param_bytes"]
+    sgd = out["sgd"]
+    return {
+        "peak_over_params": out,
+        "extra_over_sgd_in_params": {m: {n: out[m][n] - sgd[n] for n in names} for m in methods},
+    }
+
+
+def _models(widths: list[int]) -> dict:
+    models = {f"mlp-{w}": (lambda w=w: MLP(w, base_width=64)) for w in widths}
+    models["resnet8-0.5"] = lambda: ResNet8(0.5, 0.125)
+    return models
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", default="256,1024,4096")
@@ -182,10 +259,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--memory", action="store_true", help="also measure peak memory per method")
+    ap.add_argument("--measure-peak", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.measure_peak:
+        print(json.dumps(measure_peak(*args.measure_peak, steps=3, device=args.device)))
+        return
     widths = [int(w) for w in args.widths.split(",")]
-    models = {f"mlp-{w}": (lambda w=w: MLP(w, base_width=64)) for w in widths}
-    models["resnet8-0.5"] = lambda: ResNet8(0.5, 0.125)
+    models = _models(widths)
     methods = [
         "sgd",
         "mupp-LP",
@@ -223,6 +304,8 @@ def main() -> None:
         "ratio_mupp_over_common_sam": {n: t["mupp-LP"][n] / t["common-sam"][n] for n in names},
         "state_over_params": res["state_over_params"],
     }
+    if args.memory:
+        out["memory"] = memory_table(names, methods, 3, args.device)
     if "pytorch-optimizer-sam" in t:
         out["t_peer"] = t["pytorch-optimizer-sam"]
         out["ratio_mupp_over_peer"] = {
@@ -245,6 +328,10 @@ def main() -> None:
         "persistent SAM state / parameter size:",
         {m: round(v[names[0]], 2) for m, v in res["state_over_params"].items()},
     )
+    if args.memory:
+        print("peak memory of 3 steps beyond model + data, in parameter sizes (SGD subtracted):")
+        for m, per in out["memory"]["extra_over_sgd_in_params"].items():
+            print(f"  {m:<24}" + "".join(f"{n}: {v:+.2f}  " for n, v in per.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
