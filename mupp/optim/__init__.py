@@ -2,7 +2,7 @@
 
 from .groups import MuAdamW, MuSGD, mup_param_groups, optimizer_kind
 from .perturbation import RULES, VARIANTS, is_perturbed
-from .sam import SAM, disable_running_stats, enable_running_stats, frozen_bn_stats
+from .sam import SAM, frozen_bn_stats
 
 __all__ = [
     "SAM",
@@ -14,6 +14,4 @@ __all__ = [
     "RULES",
     "VARIANTS",
     "frozen_bn_stats",
-    "disable_running_stats",
-    "enable_running_stats",
 ]

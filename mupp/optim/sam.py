@@ -61,7 +61,21 @@ class SAM(torch.optim.Optimizer):
             check is the only host synchronization of a step).
         same_randomness: in :meth:`step`, replay the RNG state for the second closure call so
             dropout masks are the same in both passes.
-        model: optional; re-attaches width metadata (after ``copy.deepcopy``).
+        model: optional; re-attaches width metadata (after ``copy.deepcopy`` or sharding).
+
+    Param groups are shared with the base optimizer (so LR schedulers work on either) and are
+    saved by :meth:`state_dict`.  Besides the base optimizer's keys, each group carries:
+
+    - ``rho``: the group's base perturbation radius (editable, like ``lr``);
+    - ``lr_factor``, ``wd_factor``: the μP factors of the group's learning rate and weight
+      decay relative to base width (:mod:`mupp.scaling`; ``lr`` already includes them);
+    - ``perturb``: whether the group is perturbed at all (the variant's choice, App. F.1);
+    - ``pert_num``, ``pert_den``: the layerwise numerator and denominator factors of the rule
+      (:func:`mupp.scaling.perturbation_factors`): ``ε_l = ρ pert_num u_l / N`` with
+      ``N = sqrt(Σ pert_den² t_k²)`` for LP/DP (:mod:`mupp.optim.perturbation`).
+
+    :meth:`load_state_dict` refuses a state dict whose ``perturb``/``pert_*`` or state shapes
+    differ (another width).
     """
 
     def __init__(
@@ -477,9 +491,7 @@ def _set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-def disable_running_stats(model: torch.nn.Module) -> dict:
-    """Stop BatchNorm layers from updating ``running_mean/var`` and ``num_batches_tracked``
-    (use around the perturbed pass); returns what :func:`enable_running_stats` restores."""
+def _disable_running_stats(model: torch.nn.Module) -> dict:
     saved = {}
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -488,23 +500,19 @@ def disable_running_stats(model: torch.nn.Module) -> dict:
     return saved
 
 
-def enable_running_stats(model: torch.nn.Module, saved: dict | None = None) -> None:
+def _enable_running_stats(model: torch.nn.Module, saved: dict) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.track_running_stats = True if saved is None else saved.get(m, True)
+            m.track_running_stats = saved.get(m, True)
 
 
-class frozen_bn_stats:
-    """Context manager: ``with frozen_bn_stats(model): loss(model(x)).backward()`` keeps the
-    perturbed pass from touching BatchNorm running statistics (including
-    ``num_batches_tracked``); normalization still uses the batch statistics."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def __enter__(self) -> torch.nn.Module:
-        self.saved = disable_running_stats(self.model)
-        return self.model
-
-    def __exit__(self, *exc: Any) -> None:
-        enable_running_stats(self.model, self.saved)
+@contextlib.contextmanager
+def frozen_bn_stats(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``with frozen_bn_stats(model): loss(model(x)).backward()`` keeps the perturbed pass from
+    touching BatchNorm running statistics (``num_batches_tracked`` included); normalization
+    still uses the batch statistics.  Each layer's setting is restored on exit."""
+    saved = _disable_running_stats(model)
+    try:
+        yield model
+    finally:
+        _enable_running_stats(model, saved)
