@@ -395,7 +395,13 @@ def _rows(args: argparse.Namespace) -> list[dict]:
         raise ValueError(f"the storage for {args.out} holds no mupp sweep") from None
     if not records:
         raise ValueError(f"no finished runs in the sweep at {args.out}")
-    return rows_from_records(records)
+    rows = rows_from_records(records)
+    seeds = getattr(args, "seeds", None)
+    if seeds is not None:
+        rows = [r for r in rows if r["seed"] in seeds]
+        if not rows:
+            raise ValueError(f"--seeds {seeds}: no finished runs with these seeds in {args.out}")
+    return rows
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -481,6 +487,21 @@ def _add_sweep_io(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_seed_filter(p: argparse.ArgumentParser) -> None:
+    def seed_list(text: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected seeds like 0,1; got {text!r}") from None
+
+    p.add_argument(
+        "--seeds",
+        type=seed_list,
+        default=None,
+        help="only these seeds, e.g. 0 (a study in progress: compare cells on the same seeds)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from .cli import float_list
 
@@ -563,10 +584,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     pl = sub.add_parser("plot", help="Fig. 1-style heatmaps and slices of a sweep (PNG + PDF)")
     _add_sweep_io(pl)
+    _add_seed_filter(pl)
     pl.set_defaults(func=cmd_plot)
 
     tr = sub.add_parser("transfer", help="optimum per width, shift, transfer regret, SAM gain")
     _add_sweep_io(tr)
+    _add_seed_filter(tr)
     tr.add_argument("--json", default=None)
     tr.set_defaults(func=cmd_transfer)
 

@@ -167,6 +167,10 @@ def test_sweep_plot_transfer_cli(tmp_path, capsys):
     assert "transfer regret" in text and (tmp_path / "sweep_heatmaps.png").exists()
     assert main(["sweep", "--preset", "nope"]) == 2
     assert main(["transfer", "--out", str(tmp_path / "nothing-here")]) == 2
+    # --seeds keeps only those seeds (the grid here has seed 0 only)
+    assert main(["transfer", "--out", out, "--seeds", "0"]) == 0
+    assert main(["transfer", "--out", out, "--seeds", "5"]) == 2
+    assert "no finished runs with these seeds" in capsys.readouterr().err
     assert main(["sweep", "--grid", "lr=0.1", "--set", "lerning_rate=1", "--out", out]) == 2
 
 
