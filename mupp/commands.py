@@ -319,8 +319,10 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict, list | None]:
         if not isinstance(v, list) or not v:
             raise ValueError(f"[grid] {k} must be a non-empty list, e.g. {k} = [{v!r}]; got {v!r}")
     grid = {k: list(v) for k, v in raw_grid.items()}
-    if args.data_dir:
-        base["data_dir"] = args.data_dir
+    if args.data_dir:  # one dataset, one identity: a resumed sweep matches from any directory
+        from pathlib import Path
+
+        base["data_dir"] = str(Path(args.data_dir).expanduser().resolve())
     _apply_sets(base, args.set)
     for item in args.grid or []:
         if "=" not in item:
