@@ -352,7 +352,13 @@ def train(
     diverged = bool(history and history[-1].get("diverged"))
     use_sam = isinstance(opt, SAM)
     one_pass = None
-    if use_sam and cfg.variant == "last-layer" and cfg.last_layer_fast and world_size == 1:
+    if (
+        use_sam
+        and cfg.variant == "last-layer"
+        and cfg.last_layer_fast
+        and net is model
+        and not sharded
+    ):
         one_pass = LastLayerStep(model, opt)
     exact_mask = ds.test_exact[: len(test_split)] if ds.test_exact is not None else None
     test_inputs = eval_inputs(test_split, ds.name, flatten, cfg.device)
