@@ -432,12 +432,14 @@ def _train_shared(
 
     cfg = canonical_config(config)
     want = _validated(cfg)
+    defaults = _defaults()
     if study is not None:
         from optuna.trial import TrialState
 
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             result = t.user_attrs.get("result")
-            if result is not None and result.get("config") == want:
+            # records of an older mupp lack newer options: they ran with those options' defaults
+            if result is not None and {**defaults, **result.get("config", {})} == want:
                 return result
     run_dir = runs_dir / point_key(cfg)
     done = run_dir / "result.json"
@@ -446,11 +448,17 @@ def _train_shared(
             result = json.loads(done.read_text())
         except ValueError:
             result = None  # a torn write: train again (resuming from the checkpoint)
-        if result is not None and result.get("config") == want:
+        if result is not None and {**defaults, **result.get("config", {})} == want:
             return result
     return train(
         cfg, run_dir, resume=True, progress=progress, log=None, keep_checkpoint=keep_checkpoints
     )
+
+
+def _defaults() -> dict[str, Any]:
+    from .train import TrainConfig
+
+    return TrainConfig().to_dict()
 
 
 def _validated(cfg: Mapping[str, Any]) -> dict[str, Any]:

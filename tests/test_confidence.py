@@ -136,3 +136,24 @@ def test_queue_order_puts_the_named_axes_first():
     assert pts[4]["lr"] == 0.1
     with pytest.raises(ValueError, match="every grid axis"):
         grid_points(grid, order=["lr", "rho"])
+
+
+def test_a_finished_equivalent_run_is_reused_not_retrained(tmp_path, monkeypatch):
+    """A point equivalent to a finished one (here: μP-global SGD after μP² SGD, recorded by
+    an older mupp without a newer option) takes the finished record: nothing trains."""
+    from types import SimpleNamespace
+
+    from mupp import sweep
+    from mupp.train import TrainConfig
+
+    base = dict(dataset="synthetic", width=32, base_width=16, epochs=1, rho=0.0)
+    stored = TrainConfig.from_dict({**base, "parameterization": "mupp"}).to_dict()
+    del stored["last_layer_fast"]  # a record written before that option existed
+    record = {"config": stored, "best_test_acc": 0.5, "diverged": False}
+    trial = SimpleNamespace(user_attrs={"result": record})
+    study = SimpleNamespace(get_trials=lambda deepcopy, states: [trial])
+    monkeypatch.setattr("mupp.train.train", lambda *a, **k: pytest.fail("trained again"))
+    got = sweep._train_shared(
+        {**base, "parameterization": "mup-global"}, tmp_path, False, study=study
+    )
+    assert got is record
