@@ -12,7 +12,8 @@ implementation in units of the parameters' size.
     python benchmarks/sam_step.py [--widths 256,1024,4096] [--steps 10] [--memory] [--json out.json]
 
 ``--memory`` also measures each method's peak memory in a fresh process (RSS high-water mark on
-CPU, reset before the steps; ``max_memory_allocated`` on CUDA) beyond the model, data and optimizer held before the
+CPU, reset before the steps, with glibc returning freed blocks of 64 KiB and more;
+``max_memory_allocated`` on CUDA) beyond the model, data and optimizer held before the
 first step, in units of the parameters' size.
 """
 
@@ -237,7 +238,12 @@ def memory_table(names: list[str], methods: list[str], steps: int, device: str) 
     for n in names:
         for m in methods:
             cmd = [sys.executable, __file__, "--measure-peak", n, m, "--device", device]
-            res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            # glibc keeps freed heap blocks mapped, so RSS would count memory the process no
+            # longer uses; serving blocks of 64 KiB and more by mmap returns them on free
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+            res = json.loads(
+                subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+            )
             out[m][n] = res["peak_bytes"] / res["param_bytes"]
     sgd = out["sgd"]
     return {
