@@ -196,11 +196,6 @@ def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def run_key(config: Mapping[str, Any]) -> str:
-    """The run directory name of a configuration (equal for equivalent grid points)."""
-    return point_key(canonical_config(config))
-
-
 def point_key(params: Mapping[str, Any]) -> str:
     return hashlib.sha1(
         json.dumps(dict(sorted(params.items())), sort_keys=True).encode()
@@ -433,14 +428,17 @@ def _train_shared(
     cfg = canonical_config(config)
     want = _validated(cfg)
     defaults = _defaults()
+
+    def same_run(result: dict | None) -> bool:
+        # records of an older mupp lack newer options: they ran with those options' defaults
+        return result is not None and {**defaults, **result.get("config", {})} == want
+
     if study is not None:
         from optuna.trial import TrialState
 
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            result = t.user_attrs.get("result")
-            # records of an older mupp lack newer options: they ran with those options' defaults
-            if result is not None and {**defaults, **result.get("config", {})} == want:
-                return result
+            if same_run(t.user_attrs.get("result")):
+                return t.user_attrs["result"]
     run_dir = runs_dir / point_key(cfg)
     done = run_dir / "result.json"
     if done.is_file():
@@ -448,7 +446,7 @@ def _train_shared(
             result = json.loads(done.read_text())
         except ValueError:
             result = None  # a torn write: train again (resuming from the checkpoint)
-        if result is not None and {**defaults, **result.get("config", {})} == want:
+        if same_run(result):
             return result
     return train(
         cfg, run_dir, resume=True, progress=progress, log=None, keep_checkpoint=keep_checkpoints
