@@ -20,14 +20,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mupp import data as data_mod
-from mupp.train import (
-    TrainConfig,
-    _make_model,
-    _make_optimizer,
+from mupp.lab import data as data_mod
+from mupp.lab.config import TrainConfig, make_model
+from mupp.lab.train import (
     epoch_batches,
     eval_inputs,
     evaluate,
+    make_optimizer,
     splits,
     train,
 )
@@ -56,8 +55,8 @@ def epoch_costs(width: int, ds: data_mod.Dataset, repeats: int = 3) -> dict:
     cfg = TrainConfig.from_dict(dict(STUDY, width=width, data_dir=None))
     train_split, test_split = splits(cfg, ds)
     torch.manual_seed(0)
-    model = _make_model(cfg, 10)
-    opt = _make_optimizer(cfg, model)
+    model = make_model(cfg, 10)
+    opt = make_optimizer(cfg, model)
     t0 = time.perf_counter()
     for x, y in epoch_batches(cfg, train_split, ds.name, 0):
         opt.step(lambda x=x, y=y: F.cross_entropy(model(x), y).backward())

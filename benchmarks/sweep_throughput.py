@@ -1,7 +1,7 @@
 """Configurations trained per hour: vectorized groups vs one run after another, in one process.
 
 K = |lr| x |rho| configurations of the CIFAR-shaped MLP (same seed: same init and data order)
-are trained once by :func:`mupp.vectorized.train_group` and once by :func:`mupp.train.train`
+are trained once by :func:`mupp.lab.vectorized.train_group` and once by :func:`mupp.lab.train.train`
 each; the script prints both throughputs, their ratio, and the largest difference between the
 two sets of per-epoch test losses and accuracies.
 
@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from mupp import data
-from mupp.train import train
-from mupp.vectorized import train_group
+from mupp.lab import data
+from mupp.lab.train import train
+from mupp.lab.vectorized import train_group
 
 LRS = [0.0125, 0.025, 0.05, 0.1, 0.2]
 RHOS = [0.0, 0.025, 0.05, 0.1, 0.2]

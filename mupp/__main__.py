@@ -1,5 +1,7 @@
+"""``python -m mupp``: the command-line tool."""
+
 import sys
 
-from .cli import main
+from .lab.cli import main
 
 sys.exit(main())

@@ -26,12 +26,14 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
 
+from .choices import PERTURBATION_SYNCS, PerturbationSync, check_choice
 from .optim import SAM, frozen_bn_stats
-
-MODES = ("sync", "local")
-PARALLEL = ("ddp", "fsdp")
+from .shapes import reattach
 
 
 def is_fsdp(model: nn.Module) -> bool:
@@ -43,10 +45,6 @@ def shard_model(model: nn.Module) -> nn.Module:
     """FSDP2: ``fully_shard`` every submodule that owns parameters, then the root; the width
     metadata is re-attached to the sharded parameters (roles and fans keep the global shapes).
     Build the optimizer after this call: sharding replaces the parameters."""
-    from torch.distributed.fsdp import fully_shard
-
-    from .shapes import reattach
-
     for name, module in model.named_modules():
         if name and any(True for _ in module.parameters(recurse=False)):
             fully_shard(module)
@@ -76,12 +74,11 @@ def sam_passes(
     model: nn.Module,
     opt: SAM,
     loss_fn: Callable[[], torch.Tensor],
-    mode: str = "sync",
+    mode: PerturbationSync = "sync",
 ) -> torch.Tensor:
     """One SAM step on a (possibly DDP-wrapped) model: ascent pass, perturbation, descent
     pass with BatchNorm statistics frozen, restore and base step.  Returns the first loss."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    check_choice("mode", mode, PERTURBATION_SYNCS)
     if mode == "local" and is_fsdp(model):
         raise ValueError(
             "perturbation_sync='local' is not available under FSDP2: fully_shard reduce-"
@@ -110,9 +107,6 @@ def save_sharded(
     directory ``path`` (every rank writes its shards; call on every rank).  ``extra`` holds
     tensors saved beside them (replicated: e.g. the RNG state).  For :class:`mupp.SAM` the
     base optimizer's state and the shared param groups (with SAM's keys) are saved."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     opt = getattr(optimizer, "base_optimizer", optimizer)
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd, **extra}, checkpoint_id=str(path))
@@ -123,9 +117,6 @@ def load_sharded(
 ) -> dict:
     """Load what :func:`save_sharded` wrote, resharding to this run's ranks; fills ``extra``
     (a dict of tensors of the right shapes) in place and returns it."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     opt = getattr(optimizer, "base_optimizer", optimizer)
     model_sd, optim_sd = get_state_dict(model, opt)
     state = {"model": model_sd, "optim": optim_sd, **extra}

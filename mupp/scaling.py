@@ -19,10 +19,8 @@ import math
 from collections.abc import Mapping
 
 from . import theory
+from .choices import OPTIMIZER_KINDS, RULES, check_choice
 from .shapes import WidthInfo
-
-OPTIMIZER_KINDS = ("sgd", "adam")
-RULES = ("LP", "DP", "LN", "unnormalized")
 
 
 def theory_role(info: WidthInfo) -> str | None:
@@ -48,8 +46,7 @@ def lr_factor(
     """μP learning-rate factor (paper App. F.5, F.7): SGD ``fan_out/fan_in``, Adam ``1/fan_in``,
     relative to base.  A weight multiplier ``m^-a`` multiplies it by ``m^{2a}`` (SGD) or
     ``m^a`` (Adam), App. F.6.1; the mup readout (``a = 1``) then trains like an input layer."""
-    if kind not in OPTIMIZER_KINDS:
-        raise ValueError(f"kind must be one of {OPTIMIZER_KINDS}; got {kind!r}")
+    check_choice("kind", kind, OPTIMIZER_KINDS)
     a = multiplier_exponent(info, weight_multipliers)
     m = info.width_mult
     if kind == "sgd":
@@ -119,8 +116,7 @@ def perturbation_factors(
     All relative to base width; weight multipliers ``m^-a`` rescale DP/LN numerators by
     ``m^{2a}``/``m^a`` and denominators by ``m^a`` (App. F.6, F.7 'Using the mup-package').
     """
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+    check_choice("rule", rule, RULES)
     if parameterization == "sp":
         return 1.0, 1.0
     d, by_role = exponents

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-ROLES = ("input", "hidden", "output", "fixed")
+from .choices import ROLES, check_choice
+
 # How a role was found: "override" (declared by the user), "layer" (the layout of a known layer
 # type: Linear, Conv, Embedding, norms, attention, Hugging Face Conv1D), "vector" (a tensor of
 # at most one dimension), "mup" (microsoft/mup's convention for a tensor seen without its
@@ -67,9 +68,11 @@ class InfDim:
         self.dim = dim
 
     def isinf(self) -> bool:
+        """Whether this dimension grows with width (mup's name)."""
         return self.base_dim is not None
 
     def width_mult(self) -> float:
+        """``dim / base_dim`` (1 for a fixed dimension)."""
         return self.dim / self.base_dim if self.isinf() else 1.0
 
     def __repr__(self) -> str:
@@ -81,27 +84,33 @@ class InfShape(tuple):
     ``width_mult``, ``fanin_fanout``, ``fanin_fanout_mult_ratio``)."""
 
     def ninf(self) -> int:
+        """How many dimensions grow with width."""
         return sum(d.isinf() for d in self)
 
     def width_mult(self) -> float:
+        """The multiplier of the last width-growing dimension (mup's convention)."""
         for d in reversed(self):
             if d.isinf():
                 return d.width_mult()
         return 1.0
 
     def fanin_fanout(self) -> tuple[InfDim, InfDim]:
+        """The fan-in and fan-out dimensions (mup's convention)."""
         if len(self) < 2:
             raise ValueError("fanin_fanout needs a tensor with at least 2 dimensions")
         return self[1], self[0]
 
     def fanin_fanout_mult_ratio(self) -> float:
+        """``fan_in_mult / fan_out_mult``."""
         fi, fo = self.fanin_fanout()
         return fi.width_mult() / fo.width_mult()
 
     def base_shape(self) -> list[int | None]:
+        """The shape at base width."""
         return [d.base_dim for d in self]
 
     def shape(self) -> list[int]:
+        """The shape at this width."""
         return [d.dim for d in self]
 
 
@@ -130,10 +139,12 @@ class WidthInfo:
 
     @property
     def fan_in_mult(self) -> float:
+        """``fan_in / base_fan_in``."""
         return self.fan_in / self.base_fan_in
 
     @property
     def fan_out_mult(self) -> float:
+        """``fan_out / base_fan_out``."""
         return self.fan_out / self.base_fan_out
 
     @property
@@ -148,6 +159,7 @@ class WidthInfo:
 
     @property
     def infshape(self) -> InfShape:
+        """A mup-style ``InfShape`` view of this record (for code written against mup)."""
         view = InfShape(
             InfDim(b if w else None, s)
             for b, s, w in zip(self.base_shape, self.shape, self.width_dims)
@@ -305,8 +317,8 @@ def set_base_shapes(
             in_dims = tuple(ov.get("fan_in_dims", in_dims))
             out_dims = tuple(ov.get("fan_out_dims", out_dims))
             role, source = ov.get("role"), "override"
-        if role is not None and role not in ROLES:
-            raise ValueError(f"overrides[{name!r}]: role must be one of {ROLES}; got {role!r}")
+        if role is not None:
+            check_choice(f"overrides[{name!r}]: role", role, ROLES)
         fan_in = math.prod(shape[i] for i in in_dims)
         fan_out = math.prod(shape[i] for i in out_dims)
         bfan_in = math.prod(bshape[i] for i in in_dims)
@@ -547,7 +559,7 @@ _BSH_HEADER = (
 
 def save_base_shapes(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the model's base shapes as a mup-compatible ``.bsh`` YAML file."""
-    import yaml
+    import yaml  # only here: `import mupp` stays free of optional file formats
 
     data = {}
     for full_name, p, _, _ in _named_params(model):
@@ -561,7 +573,7 @@ def save_base_shapes(model: nn.Module, path: str | os.PathLike) -> None:
 
 def load_base_shapes(path: str | os.PathLike) -> dict[str, tuple[int | None, ...]]:
     """Read a ``.bsh`` file: ``{name: base shape}`` with ``None`` for finite dimensions."""
-    import yaml
+    import yaml  # only here: `import mupp` stays free of optional file formats
 
     with open(path) as f:
         data = yaml.safe_load(f)

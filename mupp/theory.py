@@ -19,9 +19,7 @@ from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
-ROLES = ("input", "hidden", "output")
-VARIANTS = ("sam", "asam-elem", "asam-layer", "sam-on")
-PARAMETERIZATIONS = ("sp", "mup-naive", "mup-global", "mupp")
+from .choices import LAYER_ROLES, PARAMETERIZATIONS, THEORY_VARIANTS, check_choice
 
 Number = float | int | Fraction
 
@@ -249,8 +247,7 @@ def _role_scales(bq: list[Fraction], cq: list[Fraction]) -> dict[str, tuple[Frac
 
 
 def _check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
+    check_choice("variant", variant, THEORY_VARIANTS)
 
 
 def _role_exponents(
@@ -265,7 +262,7 @@ def _role_exponents(
     forward pass (App. F.6.1, proof of Lemma F.11)."""
     scales = _role_scales(bq, cq)
     out = {}
-    for role in ROLES:
+    for role in LAYER_ROLES:
         w, g = scales[role]
         k = _WIDTH_DIMS[role]
         ar = _q((a or {}).get(role, 0)) or Fraction(0)
@@ -322,7 +319,7 @@ def mpp(b: Sequence[Number], c: Sequence[Number]) -> tuple[float, list[float]]:
             f"no stable perturbation scaling perturbs all layers effectively when b_(L+1) < 1 "
             f"(Thm 11); got b_(L+1) = {float(bq[-1])}"
         )
-    d, by_role = _solve_effective(bq, cq, set(ROLES), "sam")
+    d, by_role = _solve_effective(bq, cq, set(LAYER_ROLES), "sam")
     return float(d), [_f(x) for x in _layers_from_roles(len(bq), by_role)]
 
 
@@ -389,9 +386,9 @@ def mpp_multipliers(a: Sequence[Number]) -> tuple[float, list[float]]:
 # ---------------------------------------------------------------------------------------------
 
 _VARIANT_ROLES = {
-    "sam": set(ROLES),
-    "asam-elem": set(ROLES),
-    "asam-layer": set(ROLES),
+    "sam": set(LAYER_ROLES),
+    "asam-elem": set(LAYER_ROLES),
+    "asam-layer": set(LAYER_ROLES),
     "sam-on": {"input"},  # normalization gains and biases are input-like (App. F.5)
 }
 
@@ -416,23 +413,20 @@ def variant_exponents(
     (App. F.6; the mup package's readout is ``{"output": 1}``, Lemma F.12).
     """
     _check_variant(variant)
-    if parameterization not in PARAMETERIZATIONS:
-        raise ValueError(
-            f"parameterization must be one of {PARAMETERIZATIONS}; got {parameterization!r}"
-        )
+    check_choice("parameterization", parameterization, PARAMETERIZATIONS)
     if b is None or c is None:
         b, c = mup_bc(2)
     bq, cq = _check_lists(b, c)
     chosen = set(_VARIANT_ROLES[variant] if roles is None else roles)
-    bad = chosen - set(ROLES)
+    bad = chosen - set(LAYER_ROLES)
     if bad or not chosen:
-        raise ValueError(f"roles must be a non-empty subset of {ROLES}; got {roles!r}")
+        raise ValueError(f"roles must be a non-empty subset of {LAYER_ROLES}; got {roles!r}")
     if parameterization in ("sp", "mup-naive"):
         return 0.0, {r: 0.0 for r in sorted(chosen)}
     solve = _solve_global if parameterization == "mup-global" else _solve_effective
-    if weight_multipliers and set(weight_multipliers) - set(ROLES):
+    if weight_multipliers and set(weight_multipliers) - set(LAYER_ROLES):
         raise ValueError(
-            f"weight_multipliers keys must be among {ROLES}; got {sorted(weight_multipliers)}"
+            f"weight_multipliers keys must be among {LAYER_ROLES}; got {sorted(weight_multipliers)}"
         )
     d, by_role = solve(bq, cq, chosen, variant, weight_multipliers)
     return float(d), {r: float(by_role[r]) for r in sorted(chosen)}
@@ -449,7 +443,7 @@ def table1() -> dict[str, dict[str, Any]]:
     b, c = mup_bc(2)
     bq, cq = _check_lists(b, c)
     out: dict[str, dict[str, Any]] = {}
-    for variant in VARIANTS:
+    for variant in THEORY_VARIANTS:
         roles = _VARIANT_ROLES[variant]
         d, by_role = _solve_effective(bq, cq, roles, variant)
         if len(set(by_role.values())) == 1:
@@ -457,10 +451,10 @@ def table1() -> dict[str, dict[str, Any]]:
         gd, g_role = _solve_global(bq, cq, roles, variant)
         ex = _role_exponents(bq, cq, variant)
         row: dict[str, Any] = {"global": float(-d)}
-        for r in ROLES:
+        for r in LAYER_ROLES:
             row[r] = float(-by_role[r]) if r in by_role else None
         row["perturbed_by_global"] = {
-            r: (r in roles and -gd - g_role[r] + ex[r][0] == _TARGET[r]) for r in ROLES
+            r: (r in roles and -gd - g_role[r] + ex[r][0] == _TARGET[r]) for r in LAYER_ROLES
         }
         out[variant] = row
     return out
@@ -476,7 +470,7 @@ def table_f1() -> list[dict[str, Any]]:
     # effective d_r (F.1 equality) and the norm bound of role r:
     # effective possible iff d_r(effective) >= norm bound, i.e. d <= num - target - norm;
     # dominating possible iff the norm bound is compatible with stability: d >= num - target - norm
-    crit = {r: ex[r][0] - _TARGET[r] - ex[r][1] for r in ROLES}
+    crit = {r: ex[r][0] - _TARGET[r] - ex[r][1] for r in LAYER_ROLES}
     probes = [
         ("d=-1/2", Fraction(-1, 2)),
         ("d in (-1/2,0)", Fraction(-1, 4)),
@@ -488,8 +482,8 @@ def table_f1() -> list[dict[str, Any]]:
     return [
         {
             "d": label,
-            "effective": {r: d <= crit[r] and d >= min(crit.values()) for r in ROLES},
-            "dominate": {r: d >= crit[r] for r in ROLES},
+            "effective": {r: d <= crit[r] and d >= min(crit.values()) for r in LAYER_ROLES},
+            "dominate": {r: d >= crit[r] for r in LAYER_ROLES},
         }
         for label, d in probes
     ]

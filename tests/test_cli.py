@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import mupp
-from mupp.cli import main
+from mupp.lab.cli import main
 
 
 def test_help_lists_subcommands(capsys):

@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from mupp import confidence
-from mupp.analysis import format_transfer, rows_from_records, transfer_summary
-from mupp.sweep import canonical_config, expand_point, grid_points
+from mupp.lab import confidence
+from mupp.lab.analysis import format_transfer, rows_from_records, transfer_summary
+from mupp.lab.sweep import canonical_config, expand_point, grid_points
 
 T2 = 4.302652729911275  # t_{0.975, 2}
 
@@ -143,8 +143,8 @@ def test_a_finished_equivalent_run_is_reused_not_retrained(tmp_path, monkeypatch
     an older mupp without a newer option) takes the finished record: nothing trains."""
     from types import SimpleNamespace
 
-    from mupp import sweep
-    from mupp.train import TrainConfig
+    from mupp.lab import sweep
+    from mupp.lab.config import TrainConfig
 
     base = dict(dataset="synthetic", width=32, base_width=16, epochs=1, rho=0.0)
     stored = TrainConfig.from_dict({**base, "parameterization": "mupp"}).to_dict()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import shared_data_dir
 
-from mupp import data
-from mupp.cli import main
+from mupp.lab import data
+from mupp.lab.cli import main
 
 
 def write_python_layout(root, n_per_batch=6, seed=0):
@@ -122,8 +122,9 @@ def test_download_without_network_fails_cleanly(tmp_path, monkeypatch):
 
 
 def test_label_noise_flips_a_fixed_fraction_to_other_classes():
-    from mupp.data import synthetic, with_label_noise
-    from mupp.train import TrainConfig, splits
+    from mupp.lab.config import TrainConfig
+    from mupp.lab.data import synthetic, with_label_noise
+    from mupp.lab.train import splits
 
     ds = synthetic(1000, 100, seed=0)
     noisy = with_label_noise(ds.train, 0.2, 10, seed=3)
@@ -147,7 +148,7 @@ def test_label_noise_flips_a_fixed_fraction_to_other_classes():
 def test_label_noise_from_the_command_line(tmp_path):
     import json
 
-    from mupp.cli import main
+    from mupp.lab.cli import main
 
     out = tmp_path / "run"
     argv = ["train", "--dataset", "synthetic", "--epochs", "1", "--width", "32", "--rho", "0"]

@@ -5,9 +5,7 @@ import json
 import pytest
 import torch
 
-from mupp.cli import main
 from mupp.diagnostics import (
-    coordcheck,
     feature_rank,
     grad_norm,
     hessian_top_eigenvalue,
@@ -15,6 +13,8 @@ from mupp.diagnostics import (
     slope,
     spectral_norm,
 )
+from mupp.lab.checks import coordcheck
+from mupp.lab.cli import main
 
 WIDTHS = [64, 128, 256, 512, 1024]
 
@@ -128,13 +128,13 @@ def test_coordcheck_bad_input():
 
 
 def test_resnet_and_vit_coordcheck_run():
-    for model, widths in (("resnet", [0.125, 0.25]), ("vit", [32, 64])):
+    for model, widths in (("resnet8", [8, 16]), ("vit", [32, 64])):
         r = coordcheck(model, widths, steps=1, seeds=1, batch_size=8, progress=False)
         assert all(v > 0 for vals in r["metrics"]["act_rms"].values() for v in vals)
 
 
 def test_global_sam_approaches_last_layer_sam_with_width(capsys):
-    from mupp.diagnostics import last_layer_equivalence
+    from mupp.lab.checks import last_layer_equivalence
 
     res = last_layer_equivalence("mlp", [64, 256, 1024], steps=20, seeds=1)
     assert res["gap"][-1] < res["gap"][0] and res["slope"] < -0.1, res
@@ -157,9 +157,9 @@ def test_global_sam_approaches_last_layer_sam_with_width(capsys):
 
 
 def test_run_statistics_of_trained_runs(tmp_path, capsys):
-    from mupp import data
-    from mupp.diagnostics.statistics import run_statistics
-    from mupp.train import train
+    from mupp.lab import data
+    from mupp.lab.statistics import run_statistics
+    from mupp.lab.train import train
 
     ds = data.synthetic(256, 64, seed=1)
     base = dict(dataset="synthetic", width=32, base_width=16, epochs=1, batch_size=64, lr=0.05)

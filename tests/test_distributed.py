@@ -2,6 +2,7 @@
 
 import copy
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -16,12 +17,21 @@ from mupp.distributed import sam_passes
 STEPS = 4
 RHO, LR = 0.1, 0.05
 
+# a rank that waits for a collective its peer never joins fails the test instead of hanging it
+COLLECTIVE_TIMEOUT = timedelta(seconds=120)
+
 
 data = step_data
 
 
 def _worker(rank, world, init_file, out_file, mode, parameterization):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
     torch.manual_seed(0)
     model = prepared_mlp(32, 8)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -35,9 +45,12 @@ def _worker(rank, world, init_file, out_file, mode, parameterization):
     )
     for step in range(STEPS):
         x, y = data(step, rank)
-        sam_passes(ddp, opt, lambda x=x, y=y: F.cross_entropy(ddp(x), y), mode)
+        sam_passes(ddp, opt, lambda x=x, y=y, net=ddp: F.cross_entropy(net(x), y), mode)
     if rank == 0:
         torch.save([p.detach() for p in model.parameters()], out_file)
+    # free DDP (its reducer holds the process group) before the group: a DDP object destroyed
+    # after its group can hang the worker's exit
+    del ddp, opt
     dist.destroy_process_group()
 
 
@@ -102,8 +115,8 @@ def test_bad_mode():
         sam_passes(torch.nn.Linear(2, 2), None, lambda: None, "global")
 
 
-def test_metadata_survives_ddp_wrapping(tmp_path):
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+def test_metadata_survives_ddp_wrapping(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp_path / 'init1'}", rank=0, world_size=1
     )
@@ -113,6 +126,7 @@ def test_metadata_survives_ddp_wrapping(tmp_path):
         mupp.reattach(ddp)
         assert [r["role"] for r in mupp.describe(ddp)] == ["input", "hidden", "output"]
         assert [r["name"] for r in mupp.describe(ddp)] == ["0.weight", "2.weight", "4.weight"]
+        del ddp  # before its process group (see _worker)
     finally:
         dist.destroy_process_group()
 

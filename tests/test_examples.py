@@ -46,7 +46,7 @@ def test_lightning_example():
 
 
 def test_coordcheck_cli_on_a_user_model(tmp_path):
-    from mupp.cli import main
+    from mupp.lab.cli import main
 
     sys.path.insert(0, str(ROOT))
     try:

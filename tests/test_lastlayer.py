@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import mupp
+from mupp.lab.train import train
 from mupp.models import MLP
 from mupp.optim.lastlayer import LastLayerStep, readout_module
-from mupp.train import train
 
 
 def batches(n=4):

@@ -111,9 +111,22 @@ def test_readout_output_shrinks_with_width_in_mup():
 
 
 def test_bad_model_arguments():
-    with pytest.raises(ValueError, match="model must be one of"):
-        build("resnet50", 1.0)
+    with pytest.raises(ValueError, match="name must be one of"):
+        build("resnet50", 64)
     with pytest.raises(ValueError, match="divisible by heads"):
         ViT(65, None, heads=2)
     with pytest.raises(ValueError, match="width must be >= 1"):
         MLP(0)
+
+
+def test_build_width_is_the_models_own_width_everywhere():
+    """``build(name, width)``: MLP hidden units, ViT embedding size, ResNet first-stage channels
+    (``width_mult = width / 64``, App. G); a fraction is refused with the unit named."""
+    assert build("mlp", 96).layers[0].out_features == 96
+    assert build("vit", 64, depth=1, heads=2).pos_embed.shape[-1] == 64
+    resnet = build("resnet8", 16, 8)
+    assert resnet.conv1.out_channels == 16
+    assert mupp.get_info(resnet.conv1.weight).width_mult == 2  # base 8 channels
+    assert count_params(build("resnet18", 64, None)) == count_params(ResNet18(1.0, None))
+    with pytest.raises(ValueError, match="first stage, a whole number; got 0.25"):
+        build("resnet8", 0.25)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mupp import sweep
+from mupp.lab import sweep
 
 BINARIES = [shutil.which(b) for b in ("initdb", "pg_ctl")]
 
@@ -88,7 +88,7 @@ def test_two_workers_on_postgresql(postgres_url, tmp_path):
 
 
 def test_readme_postgres_url_from_the_command_line(postgres_url, tmp_path, capsys):
-    from mupp.cli import main
+    from mupp.lab.cli import main
 
     argv = ["sweep", "--grid", "lr=0.05", "--grid", "rho=0.0,0.1", "--grid", "width=32"]
     argv += ["--set", 'dataset="synthetic"', "--set", "base_width=32", "--set", "epochs=1"]
@@ -98,7 +98,7 @@ def test_readme_postgres_url_from_the_command_line(postgres_url, tmp_path, capsy
 
 
 def test_unreachable_postgres_server_is_one_clear_line(tmp_path, capsys):
-    from mupp.cli import main
+    from mupp.lab.cli import main
 
     port = _free_port()  # nothing listens there
     argv = [

@@ -13,8 +13,9 @@ import torch
 from conftest import mlp, prepared_mlp
 
 import mupp
-from mupp.cli import main
-from mupp.train import CheckpointError, load_checkpoint, save_checkpoint, train
+from mupp.lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mupp.lab.cli import main
+from mupp.lab.train import train
 
 BASE = dict(dataset="synthetic", width=32, base_width=32, epochs=2, batch_size=64)
 
@@ -124,7 +125,7 @@ TRAIN = ["train", "--dataset", "synthetic", "--width", "32", "--epochs", "1", "-
         (["--set", 'model_kwargs={"nope":1}'], "model_kwargs {'nope': 1} do not fit the mlp"),
         (["--set", "lr=true"], "lr must be a non-negative finite number; got True"),
         (["--train-subset", "-100"], "train_subset must be a whole number >= 1"),
-        (["--width", "64.7"], "width of the mlp is a number of units"),
+        (["--width", "64.7"], "width of the mlp is a number of hidden units"),
         (["--set", "label_noise=1.5"], "label_noise must be a fraction"),
     ],
 )
@@ -232,7 +233,7 @@ def test_optimizer_state_of_another_width_is_refused():
 
 
 def test_an_incomplete_rerun_says_so_and_exits_nonzero(tmp_path, capsys):
-    from mupp import sweep
+    from mupp.lab import sweep
 
     grid = {"lr": [0.05, 0.1], "rho": [0.0], "width": [32]}
     base = dict(dataset="synthetic", base_width=32, epochs=1)

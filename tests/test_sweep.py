@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from mupp import sweep
-from mupp.analysis import plot_sweep, rows_from_records, transfer_summary
-from mupp.cli import main
+from mupp.lab import sweep
+from mupp.lab.analysis import rows_from_records, transfer_summary
+from mupp.lab.cli import main
+from mupp.lab.plots import plot_sweep
 
 BASE = dict(dataset="synthetic", base_width=32, epochs=1, batch_size=64, model="mlp")
 

@@ -4,9 +4,11 @@ import json
 
 import pytest
 
-from mupp import data
-from mupp.cli import main
-from mupp.train import TrainConfig, load_config_file, train
+from mupp.lab import data
+from mupp.lab.checkpoint import load_checkpoint, save_checkpoint
+from mupp.lab.cli import main
+from mupp.lab.config import TrainConfig, load_config_file
+from mupp.lab.train import train
 
 DS = data.synthetic(512, 256)
 BASE = dict(
@@ -67,6 +69,22 @@ def test_resume_refuses_a_different_config(tmp_path):
         )
 
 
+def test_resume_accepts_a_checkpoint_written_before_an_option_existed(tmp_path):
+    # a checkpoint of an older mupp lacks `last_layer_fast`: it ran with the default (a study
+    # killed across versions must resume, not stop with "different configuration")
+    cfg = dict(BASE, epochs=2)
+    full = run(tmp_path / "full", epochs=2)
+    train(cfg, tmp_path / "old", progress=False, dataset=DS, log=None, stop_after_epochs=1)
+    ckpt = tmp_path / "old" / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    del state["config"]["last_layer_fast"]
+    save_checkpoint(state, ckpt)
+    resumed = train(cfg, tmp_path / "old", resume=True, progress=False, dataset=DS, log=None)
+    assert resumed["history"] == full["history"]
+    with pytest.raises(ValueError, match=r"differs in \['lr'\]"):
+        train(dict(cfg, lr=0.2), tmp_path / "old", resume=True, progress=False, dataset=DS)
+
+
 def test_divergence_is_flagged_not_raised():
     r = run(lr=1e4, rho=0.0)
     assert r["diverged"] and len(r["history"]) == 1
@@ -75,9 +93,7 @@ def test_divergence_is_flagged_not_raised():
 def test_sgd_baseline_resnet_and_adamw_paths():
     r = run(rho=0.0, epochs=1)
     assert not r["diverged"]
-    r = run(
-        model="resnet8", width=0.125, base_width=0.125, epochs=1, augment=True, label_smoothing=0.1
-    )
+    r = run(model="resnet8", width=8, base_width=8, epochs=1, augment=True, label_smoothing=0.1)
     assert r["history"][0]["test_acc"] > 0
     r = run(optimizer="adamw", lr=1e-3, epochs=1, schedule="cosine", warmup_epochs=0.5)
     assert not r["diverged"]
@@ -93,7 +109,8 @@ def test_sgd_baseline_resnet_and_adamw_paths():
         (dict(epochs=1.5), "epochs must be a whole number >= 1"),
         (dict(lr=True), "lr must be a non-negative finite number"),
         (dict(train_subset=-100), "train_subset must be a whole number >= 1"),
-        (dict(width=64.7), "width of the mlp is a number of units"),
+        (dict(width=64.7), "width of the mlp is a number of hidden units"),
+        (dict(model="resnet8", width=0.5), "width_mult 0.5 is width 32"),
         (dict(model_kwargs={"nope": 1}), "model_kwargs {'nope': 1} do not fit the mlp"),
         (dict(model_kwargs=3), "model_kwargs must be a mapping"),
         (dict(seed=0.5), "seed must be a whole number"),

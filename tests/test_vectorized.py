@@ -2,9 +2,9 @@
 
 import pytest
 
-from mupp import data
-from mupp.train import train
-from mupp.vectorized import group_key, supports, train_group
+from mupp.lab import data
+from mupp.lab.train import train
+from mupp.lab.vectorized import group_key, supports, train_group
 
 DS = data.synthetic(384, 256, seed=3)
 BASE = dict(
@@ -47,7 +47,7 @@ def test_grouping_rules():
     a = dict(BASE, lr=0.1, rho=0.1)
     assert group_key(a) == group_key(dict(a, lr=0.2, rho=0.0))
     assert group_key(a) != group_key(dict(a, seed=1))
-    assert supports(a) and not supports(dict(a, model="resnet8", width=0.25, base_width=0.25))
+    assert supports(a) and not supports(dict(a, model="resnet8", width=16, base_width=16))
     assert not supports(dict(a, variant="asam-elem"))
     with pytest.raises(ValueError, match="differ only in"):
         train_group([a, dict(a, width=64)], DS)

@@ -1,16 +1,17 @@
-"""Diagnostics that show the width scaling on a model (Fig. 2, App. H.1)."""
+"""Measurements that show the width scaling on any model (Fig. 2, App. H.1).
+
+The built-in models' checks (``mupp coordcheck``) live in :mod:`mupp.lab.checks`, their
+figures in :mod:`mupp.lab.plots`."""
 
 from .coordcheck import (
     METRICS,
     coord_data,
-    coordcheck,
     format_tables,
-    last_layer_equivalence,
     measure_model,
     measure_perturbation,
     measure_updates,
-    plot,
     slope,
+    train_steps,
 )
 from .layers import apply_weight, capture, spectral_norm, weight_layers
 from .probes import feature_rank, grad_norm, hessian_top_eigenvalue, hessian_trace
@@ -18,11 +19,9 @@ from .probes import feature_rank, grad_norm, hessian_top_eigenvalue, hessian_tra
 __all__ = [
     "METRICS",
     "coord_data",
-    "coordcheck",
     "measure_model",
-    "last_layer_equivalence",
+    "train_steps",
     "format_tables",
-    "plot",
     "slope",
     "measure_perturbation",
     "measure_updates",

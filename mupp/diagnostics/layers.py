@@ -57,6 +57,7 @@ def apply_weight(mod: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch
 
 
 def rms(t: torch.Tensor) -> float:
+    """Root mean square of the entries of ``t``."""
     return t.float().pow(2).mean().sqrt().item()
 
 

@@ -6,26 +6,46 @@ from typing import Any
 
 from torch import nn
 
+from ..choices import MODEL_NAMES, ModelName, check_choice
 from ._base import count_params
 from .mlp import MLP
-from .resnet import ResNet, ResNet8, ResNet10, ResNet18
+from .resnet import RESNET_STEM, ResNet, ResNet8, ResNet10, ResNet18
 from .vit import ViT
 
-MODELS = ("mlp", "resnet18", "resnet10", "resnet8", "vit")
+MODELS = MODEL_NAMES
+
+# What ``width`` counts in each model; every model's ``width`` is a whole number.
+WIDTH_UNITS = {
+    "mlp": "hidden units",
+    "resnet8": "channels of the first stage",
+    "resnet10": "channels of the first stage",
+    "resnet18": "channels of the first stage",
+    "vit": "embedding dimensions",
+}
 
 
-def build(name: str, width: float, base_width: float | None = None, **kw: Any) -> nn.Module:
-    """Build a model by name.  ``width``: hidden width for ``mlp``/``vit``, ``width_mult`` for
-    the ResNets; ``base_width`` likewise (defaults: MLP 64, ResNets 0.5, ViT 384... or the
-    model's own)."""
+def build(name: ModelName, width: int, base_width: int | None = None, **kw: Any) -> nn.Module:
+    """Build a built-in model by name, with base shapes set at ``base_width`` (``None``: the
+    model's default; the MLP's is none, i.e. standard shapes).
+
+    ``width`` is the model's width in its own units (:data:`WIDTH_UNITS`): the MLP's hidden
+    units, the ViT's embedding dimension, a ResNet's first-stage channel count (64 at the
+    paper's width multiplier 1, App. G: ``width_mult = width / 64``).  ``kw`` goes to the
+    model's class."""
+    check_choice("name", name, MODEL_NAMES)
+    for arg, value in (("width", width), ("base_width", base_width)):
+        if value is not None and not float(value).is_integer():
+            raise ValueError(
+                f"{arg} of {name} is a number of {WIDTH_UNITS[name]}, a whole number; got {value!r}"
+            )
     if name == "mlp":
         return MLP(int(width), base_width=int(base_width) if base_width else None, **kw)
-    if name in ("resnet18", "resnet10", "resnet8"):
-        fn = {"resnet18": ResNet18, "resnet10": ResNet10, "resnet8": ResNet8}[name]
-        return fn(width_mult=float(width), base_width_mult=base_width, **kw)
     if name == "vit":
         return ViT(width=int(width), base_width=int(base_width) if base_width else None, **kw)
-    raise ValueError(f"model must be one of {MODELS}; got {name!r}")
+    fn = {"resnet18": ResNet18, "resnet10": ResNet10, "resnet8": ResNet8}[name]
+    if base_width is not None:
+        kw["base_width_mult"] = base_width / RESNET_STEM
+    return fn(width_mult=width / RESNET_STEM, **kw)
 
 
 __all__ = [
@@ -38,4 +58,5 @@ __all__ = [
     "build",
     "count_params",
     "MODELS",
+    "WIDTH_UNITS",
 ]

@@ -37,6 +37,7 @@ class Readout(nn.Linear):
         self.output_mult = output_mult
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The readout ``output_mult · (x W^T + b)``."""
         out = super().forward(x)
         return out if self.output_mult == 1.0 else out * self.output_mult
 
@@ -46,12 +47,15 @@ class OutputMultMixin:
 
     @property
     def output_mult(self) -> float:
+        """The readout's output multiplier (App. F.6)."""
         return self._readout().output_mult
 
     @output_mult.setter
     def output_mult(self, value: float) -> None:
+        """Set the readout's output multiplier."""
         self._readout().output_mult = value
 
 
 def count_params(model: nn.Module) -> int:
+    """The number of parameter entries of ``model``."""
     return sum(p.numel() for p in model.parameters())

@@ -62,6 +62,9 @@ class MLP(OutputMultMixin, nn.Module):
     def reset_parameters(
         self, exact_bcd: bool = False, readout_zero: bool = False, mup: bool = True
     ) -> None:
+        """Re-initialize: μP (``mup``; spectral init relative to base width, App. G) or
+        standard He init with a ``1/fan_in`` readout; ``exact_bcd`` uses the exact
+        bcd-parameterization variances of the theory; ``readout_zero`` zeros the readout."""
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             gain = 1.0 if i == last else 2**0.5
@@ -79,6 +82,7 @@ class MLP(OutputMultMixin, nn.Module):
             self.layers[-1].weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, d_in) -> (batch, d_out)`` logits."""
         x = x.flatten(1)
         h = self.layers[0](x) * self.input_mult
         for layer in self.layers[1:]:

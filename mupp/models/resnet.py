@@ -10,8 +10,12 @@ from torch import nn
 from ..init import mup_init_
 from ._base import OutputMultMixin, Readout, with_base_shapes
 
+RESNET_STEM = 64  # first-stage channels at width_mult 1 (stages: 64, 128, 256, 512)
+
 
 class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a (projected) shortcut."""
+
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
@@ -25,6 +29,7 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, 3, H, W)`` images -> ``(batch, num_classes)`` logits."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
@@ -52,7 +57,7 @@ class ResNet(OutputMultMixin, nn.Module):
             raise ValueError(f"width_mult must be > 0; got {width_mult}")
         if not 1 <= len(stages) <= 4:
             raise ValueError(f"stages must list 1 to 4 block counts; got {stages}")
-        chans = [max(1, round(c * width_mult)) for c in (64, 128, 256, 512)[: len(stages)]]
+        chans = [max(1, round(RESNET_STEM * c * width_mult)) for c in (1, 2, 4, 8)[: len(stages)]]
         self.conv1 = nn.Conv2d(3, chans[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(chans[0])
         layers, c_in = [], chans[0]
@@ -71,6 +76,7 @@ class ResNet(OutputMultMixin, nn.Module):
                 self.linear.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, 3, H, W)`` images -> ``(batch, num_classes)`` logits."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layers(out)
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
@@ -86,6 +92,7 @@ def ResNet18(width_mult: float = 1.0, base_width_mult: float | None = 0.5, **kw)
 
 
 def ResNet10(width_mult: float = 1.0, base_width_mult: float | None = 0.5, **kw) -> ResNet:
+    """ResNet-10 for CIFAR: one block per stage, four stages."""
     return ResNet((1, 1, 1, 1), width_mult, base_width_mult, **kw)
 
 

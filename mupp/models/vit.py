@@ -19,6 +19,8 @@ _OVERRIDES = {
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention with μP's ``1/d_head`` attention scaling (App. G)."""
+
     def __init__(self, width: int, heads: int, base_head_dim: int, zero_query: bool) -> None:
         super().__init__()
         if width % heads:
@@ -32,6 +34,7 @@ class Attention(nn.Module):
         self.zero_query = zero_query
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, tokens, width) -> (batch, tokens, width)``."""
         b, t, w = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
@@ -39,6 +42,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-norm transformer block: attention and an MLP, each with a residual."""
+
     def __init__(
         self, width: int, heads: int, mlp_ratio: int, base_head_dim: int, zero_query: bool
     ) -> None:
@@ -50,6 +55,7 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(mlp_ratio * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, tokens, width) -> (batch, tokens, width)``."""
         x = x + self.attn(self.norm1(x))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
@@ -110,6 +116,7 @@ class ViT(OutputMultMixin, nn.Module):
                     blk.attn.qkv.weight[:width].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, 3, H, W)`` images -> ``(batch, num_classes)`` logits."""
         b = x.shape[0]
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2) * self.input_mult
         cls = self.cls_token.expand(b, 1, -1)

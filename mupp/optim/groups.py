@@ -13,9 +13,8 @@ from typing import Any
 import torch
 
 from .. import scaling
+from ..choices import PARAMETERIZATIONS, check_choice, check_nonneg
 from ..shapes import require_info
-
-PARAMETERIZATIONS = ("sp", "mup-naive", "mup-global", "mupp")
 
 
 def optimizer_kind(base_optimizer: type | str) -> str:
@@ -92,14 +91,11 @@ def mup_param_groups(
     """Param groups with μP learning rates ``lr * lr_factor`` (and weight decay divided by the
     factor so that ``lr * wd`` is width-independent).  ``"sp"`` keeps every factor at 1.
     Groups record ``lr_factor`` so tools can read it back."""
-    if parameterization not in PARAMETERIZATIONS:
-        raise ValueError(
-            f"parameterization must be one of {PARAMETERIZATIONS}; got {parameterization!r}"
-        )
-    _check_nonneg("lr", lr)
+    check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+    check_nonneg("lr", lr)
     defaults: dict[str, Any] = {"lr": lr}
     if weight_decay is not None:
-        _check_nonneg("weight_decay", weight_decay)
+        check_nonneg("weight_decay", weight_decay)
         defaults["weight_decay"] = weight_decay
     groups = normalize_param_groups(params, defaults)
 
@@ -119,14 +115,6 @@ def mup_param_groups(
         if scale_weight_decay and "weight_decay" in g and wd_factor != 1.0:
             g["weight_decay"] = g["weight_decay"] * wd_factor
     return out
-
-
-def _check_nonneg(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        raise ValueError(f"{name} must be a non-negative finite number; got {value!r}")
-    v = float(value)
-    if not (v >= 0.0 and v != float("inf")):
-        raise ValueError(f"{name} must be a non-negative finite number; got {value!r}")
 
 
 def MuSGD(

@@ -83,6 +83,12 @@ class LastLayerStep:
         targets: torch.Tensor,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One last-layer SAM step on ``(inputs, targets)``: one forward to the readout's
+        input, the readout's ascent gradient and ε from it, the loss at ``W_out + ε`` on the
+        same features, one backward, the base step (Remark 3).  Falls back to two passes
+        where the readout is not the model's last operation.  Returns ``(loss at W, logits
+        at W)``."""
+
         def forward():
             return self.model(inputs)
 

@@ -31,11 +31,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
+from ..choices import RULES, VARIANTS, check_choice
 from ..shapes import WidthInfo
-
-VARIANTS = ("sam", "asam-elem", "asam-layer", "sam-on", "last-layer", "first-layer")
-RULES = ("LP", "DP", "LN", "unnormalized")
 
 # variant -> (variant of mupp.theory whose exponents apply, roles perturbed effectively)
 THEORY_VARIANT = {
@@ -75,7 +74,8 @@ def is_perturbed(info: WidthInfo | None, variant: str, perturb: Perturb = None) 
         return layer == "output"
     if variant == "first-layer":
         return layer == "input" and not info.is_norm
-    raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
+    check_choice("variant", variant, VARIANTS)
+    raise AssertionError(variant)  # every variant is handled above
 
 
 @dataclass
@@ -94,6 +94,7 @@ class Bucket:
 
     @property
     def sharded(self) -> bool:
+        """Whether the bucket holds FSDP2 shards (norms then need an all-reduce)."""
         return bool(self.shard_groups)
 
 
@@ -193,8 +194,6 @@ def _whole_norms(bucket_list: list[Bucket], parts: list, dev: torch.device) -> l
                 pending.setdefault(tuple(id(g) for g in b.shard_groups), []).append((i, j))
     if not pending:
         return parts
-    import torch.distributed as dist
-
     for slots in pending.values():
         groups = bucket_list[slots[0][0]].shard_groups
         flat = torch.cat([torch.stack(parts[i][j]).float().to(dev) for i, j in slots]).square()
@@ -220,7 +219,7 @@ def scales(
     num: torch.Tensor,
     den: torch.Tensor,
     rho: torch.Tensor,
-    eps: float = 1e-12,
+    norm_eps: float = 1e-12,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The scalar ``s_l`` with ``ε_l = s_l · u_l``: the normalization of each rule.
 
@@ -231,14 +230,13 @@ def scales(
     (App. F.3).  Returns ``(s, finite)``: where a norm term is not finite, that problem's
     scales are zero and ``finite`` (shape ``norms.shape[1:]``) is ``False``.
     """
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+    check_choice("rule", rule, RULES)
     finite = torch.isfinite(norms).all(0)
     if rule in ("LP", "DP"):
         total = (den * norms).square().sum(0).sqrt()
-        s = rho * num / (total + eps)
+        s = rho * num / (total + norm_eps)
     elif rule == "LN":
-        s = rho * num / (norms + eps)
+        s = rho * num / (norms + norm_eps)
     else:
         s = (rho * num).expand_as(norms)
     return torch.where(finite, s, torch.zeros_like(s)), finite
@@ -249,7 +247,7 @@ def perturb_(
     *,
     rule: str,
     variant: str,
-    eps: float = 1e-12,
+    norm_eps: float = 1e-12,
     ascent_weight_decay: float = 0.0,
     inplace: bool = False,
     grad_scale: torch.Tensor | None = None,
@@ -264,8 +262,7 @@ def perturb_(
     ``False`` when a gradient was non-finite, in which case every scale is zero.  With
     ``inplace`` the gradients are overwritten (the caller discards them).
     """
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+    check_choice("rule", rule, RULES)
     if not bucket_list:
         return [], [], None
     dirs = [_directions(b, variant, ascent_weight_decay, inplace, grad_scale) for b in bucket_list]
@@ -278,7 +275,9 @@ def perturb_(
         values = [getattr(b, attr) for b, (ts, _) in zip(bucket_list, terms) for _ in ts]
         return torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True)
 
-    s, finite = scales(rule, norms, per_tensor("num"), per_tensor("den"), per_tensor("rho"), eps)
+    s, finite = scales(
+        rule, norms, per_tensor("num"), per_tensor("den"), per_tensor("rho"), norm_eps
+    )
     s = s.unbind()
     all_params, all_eps = [], []
     i = 0

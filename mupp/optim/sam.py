@@ -16,21 +16,65 @@ from typing import Any
 import torch
 
 from .. import scaling
+from ..choices import (
+    NONFINITE,
+    PARAMETERIZATIONS,
+    RULES,
+    VARIANTS,
+    NonFinite,
+    Parameterization,
+    Rule,
+    Variant,
+    check_choice,
+    check_nonneg,
+)
 from ..shapes import get_info, reattach
 from . import perturbation
-from .groups import PARAMETERIZATIONS, _check_nonneg, mup_param_groups, optimizer_kind, split_groups
-from .perturbation import RULES, THEORY_VARIANT, VARIANTS
+from .groups import mup_param_groups, optimizer_kind, split_groups
+from .perturbation import THEORY_VARIANT
 
-NONFINITE = ("skip", "raise", "ignore")
 WEIGHT_MULTIPLIER_PRESETS = {
     "mup": {"output": 1.0},  # microsoft/mup's MuReadout multiplier 1/m (Lemma F.12)
     "a-mupp": {"input": -0.5, "output": 0.5},  # (a-μP²), Remark 12 / Lemma F.11
 }
 
 
-def _check_choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+def _check_arguments(
+    base_optimizer: Any,
+    *,
+    lr: Any,
+    rho: Any,
+    parameterization: Any,
+    rule: Any,
+    variant: Any,
+    nonfinite: Any,
+    ascent_weight_decay: Any,
+    norm_eps: Any,
+    weight_multipliers: Mapping[str, float] | str | None,
+) -> dict[str, float]:
+    """Check :class:`SAM`'s arguments before anything is built; returns the weight multipliers
+    as ``{role: a}`` (a preset name resolved)."""
+    check_nonneg("lr", lr)
+    check_nonneg("rho", rho)
+    check_nonneg("ascent_weight_decay", ascent_weight_decay)
+    check_nonneg("norm_eps", norm_eps)
+    check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+    check_choice("rule", rule, RULES)
+    check_choice("variant", variant, VARIANTS)
+    check_choice("nonfinite", nonfinite, NONFINITE)
+    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+        raise ValueError(
+            f"base_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.SGD); "
+            f"got {base_optimizer!r}"
+        )
+    if variant.startswith("asam") and rule != "LP":
+        raise ValueError(
+            f"rule {rule!r} is defined for variant 'sam' and its subsets; {variant!r} needs rule='LP'"
+        )
+    if isinstance(weight_multipliers, str):
+        check_choice("weight_multipliers", weight_multipliers, tuple(WEIGHT_MULTIPLIER_PRESETS))
+        weight_multipliers = WEIGHT_MULTIPLIER_PRESETS[weight_multipliers]
+    return dict(weight_multipliers or {})
 
 
 class SAM(torch.optim.Optimizer):
@@ -55,6 +99,9 @@ class SAM(torch.optim.Optimizer):
         weight_multipliers: ``{role: a}`` for models with weight multipliers ``m^-a`` (App. F.6),
             or ``"mup"`` (readout multiplier of microsoft/mup) / ``"a-mupp"``.
         ascent_weight_decay: adds ``wd * W`` to the gradient used for ε only.
+        norm_eps: added to the norm that normalizes the ascent direction (the paper's
+            ``N``), so that a zero gradient gives ``ε = 0``.  (``eps`` goes to the base
+            optimizer, e.g. Adam's ``eps``.)
         nonfinite: what to do when a gradient of either pass is non-finite: ``"skip"`` the
             step (weights restored, base optimizer untouched, ``skipped_steps`` incremented),
             ``"raise"`` ``FloatingPointError`` after restoring, or ``"ignore"`` (no check; the
@@ -85,105 +132,97 @@ class SAM(torch.optim.Optimizer):
         *,
         lr: float,
         rho: float,
-        parameterization: str = "mupp",
-        rule: str = "LP",
-        variant: str = "sam",
+        parameterization: Parameterization = "mupp",
+        rule: Rule = "LP",
+        variant: Variant = "sam",
         perturb: perturbation.Perturb = None,
         weight_multipliers: Mapping[str, float] | str | None = None,
         ascent_weight_decay: float = 0.0,
-        eps: float = 1e-12,
-        nonfinite: str = "skip",
+        norm_eps: float = 1e-12,
+        nonfinite: NonFinite = "skip",
         same_randomness: bool = False,
         model: torch.nn.Module | None = None,
         **base_kwargs: Any,
     ) -> None:
-        _check_nonneg("lr", lr)
-        _check_nonneg("rho", rho)
-        _check_nonneg("ascent_weight_decay", ascent_weight_decay)
-        _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
-        _check_choice("rule", rule, RULES)
-        _check_choice("variant", variant, VARIANTS)
-        _check_choice("nonfinite", nonfinite, NONFINITE)
-        if not (
-            isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)
-        ):
-            raise ValueError(
-                f"base_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.SGD); "
-                f"got {base_optimizer!r}"
-            )
-        if variant.startswith("asam") and rule != "LP":
-            raise ValueError(
-                f"rule {rule!r} is defined for variant 'sam' and its subsets; {variant!r} needs rule='LP'"
-            )
-        if isinstance(weight_multipliers, str):
-            _check_choice(
-                "weight_multipliers", weight_multipliers, tuple(WEIGHT_MULTIPLIER_PRESETS)
-            )
-            weight_multipliers = WEIGHT_MULTIPLIER_PRESETS[weight_multipliers]
+        weight_multipliers = _check_arguments(
+            base_optimizer,
+            lr=lr,
+            rho=rho,
+            parameterization=parameterization,
+            rule=rule,
+            variant=variant,
+            nonfinite=nonfinite,
+            ascent_weight_decay=ascent_weight_decay,
+            norm_eps=norm_eps,
+            weight_multipliers=weight_multipliers,
+        )
         if model is not None:
             reattach(model)
         self.parameterization = parameterization
         self.rule = rule
         self.variant = variant
-        self.eps = eps
+        self.norm_eps = norm_eps
         self.nonfinite = nonfinite
         self.same_randomness = same_randomness
         self.ascent_weight_decay = ascent_weight_decay
-        self.weight_multipliers = dict(weight_multipliers or {})
+        self.weight_multipliers = weight_multipliers
         self.skipped_steps = 0
         self._pending = False
         self._finite: torch.Tensor | None = None
 
-        kind = optimizer_kind(base_optimizer)
         groups = mup_param_groups(
             params,
             lr,
-            kind,
+            optimizer_kind(base_optimizer),
             "sp" if parameterization == "sp" else "mupp",
             base_kwargs.pop("weight_decay", None),
             self.weight_multipliers,
         )
         for g in groups:
             g.setdefault("rho", rho)
-            _check_nonneg("rho (param group)", g["rho"])
+            check_nonneg("rho (param group)", g["rho"])
+        super().__init__(
+            self._perturbation_groups(groups, perturb), dict(lr=lr, rho=rho, **base_kwargs)
+        )
+        self.base_optimizer = base_optimizer(self.param_groups, lr=lr, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+    def _perturbation_groups(self, groups: list[dict], perturb: perturbation.Perturb) -> list[dict]:
+        """Split ``groups`` so that every group has one ``perturb``, ``pert_num`` and
+        ``pert_den`` (the layerwise factors of the rule, App. F.1); sets ``self.exponents``
+        (``None`` under SP) and ``self.global_mult`` (the model's width multiplier ``M``)."""
         all_params = [p for g in groups for p in g["params"]]
         infos = {id(p): get_info(p) for p in all_params}
-        global_mult = max([i.width_mult for i in infos.values() if i is not None] or [1.0])
         selected = {
-            id(p): perturbation.is_perturbed(infos[id(p)], variant, perturb) for p in all_params
+            id(p): perturbation.is_perturbed(infos[id(p)], self.variant, perturb)
+            for p in all_params
         }
-        theory_variant, roles = THEORY_VARIANT[variant]
+        theory_variant, roles = THEORY_VARIANT[self.variant]
         if perturb is not None:
             roles = {infos[id(p)].role for p in all_params if selected[id(p)]} - {"fixed"}
-        exponents = None
-        if parameterization != "sp":
-            exponents = scaling.perturbation_exponents(
-                theory_variant, parameterization, roles or None, self.weight_multipliers
+        self.exponents = None
+        if self.parameterization != "sp":
+            self.exponents = scaling.perturbation_exponents(
+                theory_variant, self.parameterization, roles or None, self.weight_multipliers
             )
-        self.exponents = exponents
-        self.global_mult = global_mult
+        self.global_mult = max([i.width_mult for i in infos.values() if i is not None] or [1.0])
 
         def key(p: torch.Tensor, g: dict) -> tuple:
             info = infos[id(p)]
-            if parameterization == "sp" or info is None:
-                num, den = 1.0, 1.0
-            else:
+            num, den = 1.0, 1.0
+            if self.exponents is not None and info is not None:
                 num, den = scaling.perturbation_factors(
                     info,
-                    rule=rule,
-                    parameterization=parameterization,
-                    exponents=exponents,
-                    global_mult=global_mult,
+                    rule=self.rule,
+                    parameterization=self.parameterization,
+                    exponents=self.exponents,
+                    global_mult=self.global_mult,
                     weight_multipliers=self.weight_multipliers,
                 )
             return (("perturb", selected[id(p)]), ("pert_num", num), ("pert_den", den))
 
-        groups = split_groups(groups, key)
-        defaults = dict(lr=lr, rho=rho, **base_kwargs)
-        super().__init__(groups, defaults)
-        self.base_optimizer = base_optimizer(self.param_groups, lr=lr, **base_kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.defaults.update(self.base_optimizer.defaults)
+        return split_groups(groups, key)
 
     # ------------------------------------------------------------------ the two passes
 
@@ -211,7 +250,7 @@ class SAM(torch.optim.Optimizer):
             bl,
             rule=self.rule,
             variant=self.variant,
-            eps=self.eps,
+            norm_eps=self.norm_eps,
             ascent_weight_decay=self.ascent_weight_decay,
             inplace=zero_grad,
             grad_scale=_inverse_scale(scaler),

@@ -1,6 +1,6 @@
 """Network statistics of a trained run, as in the paper's Fig. H.1 / H.2 (App. H.1).
 
-For a run directory written by :func:`mupp.train.train` (its ``checkpoint.pt`` holds the config
+For a run directory written by :func:`mupp.lab.train.train` (its ``checkpoint.pt`` holds the config
 and the final weights), :func:`run_statistics` rebuilds the initial model from the run's seed,
 loads the trained weights and measures, on a fixed probe batch of training images:
 
@@ -29,11 +29,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import data as data_mod
+from ..diagnostics.coordcheck import measure_perturbation, measure_updates
+from ..diagnostics.layers import capture, weight_layers
+from ..diagnostics.probes import feature_rank, grad_norm, hessian_top_eigenvalue, hessian_trace
 from ..optim import SAM
-from .coordcheck import measure_perturbation, measure_updates
-from .layers import capture, weight_layers
-from .probes import feature_rank, grad_norm, hessian_top_eigenvalue, hessian_trace
+from . import data as data_mod
+from .checkpoint import load_checkpoint
+from .config import TrainConfig, make_model
 
 LAYER_METRICS = ("pert_norm", "pert_rel_spec", "update_spec", "update_rms", "feature_rank")
 MODEL_METRICS = ("grad_norm", "hessian_top", "hessian_trace", "train_acc", "best_test_acc")
@@ -49,8 +51,6 @@ def run_statistics(
 ) -> dict[str, Any]:
     """Fig. H.1's statistics for one finished run; ``{"config", "layers": {metric: {layer:
     value}}, "model": {metric: value}}``."""
-    from ..train import TrainConfig, _make_model, load_checkpoint
-
     ckpt_path = Path(run_dir) / "checkpoint.pt"
     if not ckpt_path.is_file():
         raise FileNotFoundError(
@@ -65,7 +65,7 @@ def run_statistics(
         dataset = data_mod.load(cfg.dataset, data_dir if data_dir is not None else cfg.data_dir)
     ds = dataset
     torch.manual_seed(cfg.seed)  # as train() does: the same initial weights
-    model = _make_model(cfg, ds.num_classes)
+    model = make_model(cfg, ds.num_classes)
     flatten = cfg.model == "mlp"
     n = min(probe_size, len(ds.train))
     x = data_mod.normalize(ds.train.x[:n], ds.name)
@@ -84,28 +84,7 @@ def run_statistics(
     with torch.no_grad(), capture(layers) as (_, outputs):
         model(x)
     stats["feature_rank"] = {name: feature_rank(outputs[name]) for name, _ in layers}
-    if cfg.rho > 0:
-        opt = SAM(
-            model.parameters(),
-            torch.optim.SGD,
-            lr=cfg.lr,
-            rho=cfg.rho,
-            parameterization=cfg.parameterization,
-            rule=cfg.rule,
-            variant=cfg.variant,
-        )
-        F.cross_entropy(model(x), y).backward()
-        opt.first_step(zero_grad=True)
-        pert = measure_perturbation(model, opt, x)
-        stats["pert_norm"] = {}
-        for name, mod in layers:
-            eps = opt.perturbation(mod.weight)
-            stats["pert_norm"][name] = 0.0 if eps is None else eps.norm().item()
-        stats["pert_rel_spec"] = pert["pert_rel_spec"]
-        opt.restore()
-    else:
-        stats["pert_norm"] = {name: 0.0 for name, _ in layers}
-        stats["pert_rel_spec"] = {name: 0.0 for name, _ in layers}
+    stats.update(_perturbation_stats(model, cfg, layers, x, y))
 
     def loss_fn() -> torch.Tensor:
         return F.cross_entropy(model(x), y)
@@ -123,6 +102,34 @@ def run_statistics(
         "layers": {m: stats[m] for m in LAYER_METRICS},
         "model": whole,
     }
+
+
+def _perturbation_stats(
+    model: torch.nn.Module, cfg: TrainConfig, layers: list, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, dict[str, float]]:
+    """``pert_norm`` and ``pert_rel_spec`` per layer of one SAM ascent step with the run's
+    settings on the probe batch (zeros for a plain SGD run); the weights are restored."""
+    if cfg.rho == 0:
+        zeros = {name: 0.0 for name, _ in layers}
+        return {"pert_norm": zeros, "pert_rel_spec": dict(zeros)}
+    opt = SAM(
+        model.parameters(),
+        torch.optim.SGD,
+        lr=cfg.lr,
+        rho=cfg.rho,
+        parameterization=cfg.parameterization,
+        rule=cfg.rule,
+        variant=cfg.variant,
+    )
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    pert = measure_perturbation(model, opt, x)
+    norms = {}
+    for name, mod in layers:
+        eps = opt.perturbation(mod.weight)
+        norms[name] = 0.0 if eps is None else eps.norm().item()
+    opt.restore()
+    return {"pert_norm": norms, "pert_rel_spec": pert["pert_rel_spec"]}
 
 
 def format_statistics(results: list[dict[str, Any]]) -> str:

@@ -1,38 +1,122 @@
-"""Subcommands beyond data/theory: models, coordcheck, train, demo (registered into the CLI)."""
+"""What each ``mupp`` subcommand does: one ``cmd_*`` function per command, given the parsed
+arguments (:mod:`mupp.lab.cli` builds the parser and reports errors)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import theory
+from ..choices import MODEL_NAMES
+from ..diagnostics.coordcheck import coord_data, format_tables
+from ..distributed import world
+from ..models import build, count_params
+from . import data
+from .analysis import format_transfer, rows_from_records, transfer_summary
+from .checks import coordcheck, last_layer_equivalence, sgd_sam
+from .config import TrainConfig, load_config_file, load_preset
+from .plots import plot_coordcheck, plot_sweep
+from .statistics import format_statistics, run_statistics
+from .sweep import expand_point, grid_points, load_results, run_sweep, storage_url
+from .train import train
+
+# ------------------------------------------------------------------------------------ data
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """``mupp data info|download``: a dataset's split sizes and statistics, or its archive."""
+    if args.data_cmd == "info":
+        ds = data.load(args.name, args.data_dir)
+        print(json.dumps(data.info(ds), indent=2))
+    else:
+        root = args.data_dir or data.search_dirs()[-1]
+        path = data.download_archive(args.name, root)
+        print(f"downloaded {args.name} to {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ theory
+
+
+def _fmt_exp(e: float | None) -> str:
+    if e is None:
+        return "-"
+    if e == 0:
+        return "1"
+    return f"n^{e:g}"
+
+
+def cmd_theory(args: argparse.Namespace) -> int:
+    """``mupp theory``: Table 1 and Table F.1, or the classification of a bcd-parameterization."""
+    if args.theory_cmd == "classify":
+        b, c, dl = args.b, args.c, args.dl
+        if not (len(b) == len(c) == len(dl)):
+            print("error: --b, --c and --dl need the same number of entries (L+1)", file=sys.stderr)
+            return 2
+        dl = [None if x != x else x for x in dl]  # nan -> not perturbed
+        result = theory.classify(b, c, dl, args.d)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(theory.explain(result))
+        return 0
+    t1 = theory.table1()
+    if args.json:
+        print(json.dumps({"table1": t1, "table_f1": theory.table_f1()}, indent=2))
+        return 0
+    print("Table 1: μP² perturbation scaling per variant (global n^-d, layerwise n^-d_l)")
+    head = f"{'variant':<11} {'global':>7} {'input':>7} {'hidden':>7} {'output':>7}   perturbed by global scaling"
+    print(head)
+    print("-" * len(head))
+    for v, row in t1.items():
+        pg = ", ".join(r for r, ok in row["perturbed_by_global"].items() if ok) or "none"
+        print(
+            f"{v:<11} {_fmt_exp(row['global']):>7} {_fmt_exp(row['input']):>7} "
+            f"{_fmt_exp(row['hidden']):>7} {_fmt_exp(row['output']):>7}   {pg}"
+        )
+    print()
+    print("Table F.1: SAM in μP, which layers can be effective / may dominate the gradient norm")
+    print(f"{'d':<15} {'effective possible':<28} {'may dominate the norm'}")
+    for row in theory.table_f1():
+        eff = ", ".join(r for r, ok in row["effective"].items() if ok) or "none"
+        dom = ", ".join(r for r, ok in row["dominate"].items() if ok)
+        print(f"{row['d']:<15} {eff:<28} {dom}")
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import build, count_params
-
+    """``mupp models``: parameter counts of the built-in models at a few widths."""
     specs = {
         "mlp": dict(widths=args.widths or [64, 256, 1024, 4096], base=64),
-        "resnet18": dict(widths=args.widths or [0.5, 1, 2, 4], base=0.5),
-        "resnet10": dict(widths=args.widths or [0.5, 1, 2], base=0.5),
-        "resnet8": dict(widths=args.widths or [0.25, 0.5, 1], base=0.5),
+        "resnet18": dict(widths=args.widths or [32, 64, 128, 256], base=32),
+        "resnet10": dict(widths=args.widths or [32, 64, 128], base=32),
+        "resnet8": dict(widths=args.widths or [16, 32, 64], base=32),
         "vit": dict(widths=args.widths or [192, 384, 768], base=384),
     }
     print(f"{'model':<10} {'width':>8} {'parameters':>14}")
     for name, spec in specs.items():
         for w in spec["widths"]:
-            import torch
-
             with torch.device("meta"):
                 n = count_params(build(name, w, None))
             print(f"{name:<10} {w:>8g} {n:>14,}")
     return 0
 
 
-def load_factory(spec: str):
+def load_factory(spec: str) -> Callable[..., Any]:
     """``"package.module:function"`` -> the function (a user's width -> model factory)."""
-    import importlib
-
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"--model must be mlp, resnet, vit or MODULE:FUNCTION; got {spec!r}")
+        raise ValueError(f"--model must be one of {MODEL_NAMES} or MODULE:FUNCTION; got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -46,11 +130,6 @@ def load_factory(spec: str):
 def _user_coordcheck(args: argparse.Namespace) -> dict:
     """``coordcheck --model pkg.mod:make``: the user's ``make(width)`` with SGD-based SAM on the
     chosen dataset (images flattened with ``--flatten``)."""
-    import torch
-
-    from . import data
-    from .diagnostics.coordcheck import coord_data, sgd_sam
-
     make = load_factory(args.model)
     ds = data.load(args.dataset, args.data_dir)
 
@@ -92,8 +171,8 @@ def _user_coordcheck(args: argparse.Namespace) -> dict:
 
 
 def cmd_coordcheck(args: argparse.Namespace) -> int:
-
-    from .diagnostics import coordcheck, format_tables, last_layer_equivalence
+    """``mupp coordcheck``: per-layer perturbation and update scaling across widths (Fig. 2), or
+    the distance of μP-global SAM from last-layer SAM (``--compare-last-layer``, App. H.1)."""
 
     if ":" in args.model:
         if args.compare_last_layer:
@@ -102,9 +181,7 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
         print(format_tables(result))
         _write_coordcheck(result, args)
         return 0
-    widths = [
-        int(w) if float(w).is_integer() and args.model != "resnet" else w for w in args.widths
-    ]
+    widths = [int(w) if float(w).is_integer() else w for w in args.widths]
     common = dict(
         base_width=args.base_width,
         steps=args.steps,
@@ -138,24 +215,17 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
 
 
 def _write_coordcheck(result: dict, args: argparse.Namespace) -> None:
-    import json
-
-    from .diagnostics import plot
-
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {args.json}")
     if args.plot:
-        plot(result, args.plot)
+        plot_coordcheck(result, args.plot)
         print(f"wrote {args.plot}")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    import json
-
-    from .diagnostics.statistics import format_statistics, run_statistics
-
+    """``mupp stats``: Fig. H.1's statistics of finished runs."""
     results = [
         run_statistics(r, data_dir=args.data_dir, probe_size=args.probe_size) for r in args.runs
     ]
@@ -167,22 +237,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_sam_args(p: argparse.ArgumentParser) -> None:
-    """The SAM options shared by coordcheck, train and sweep."""
-    from .optim.groups import PARAMETERIZATIONS
-    from .optim.perturbation import RULES, VARIANTS
-
-    p.add_argument("--parameterization", default="mupp", choices=PARAMETERIZATIONS)
-    p.add_argument("--variant", default="sam", choices=VARIANTS)
-    p.add_argument("--rule", default="LP", choices=RULES)
-
-
 # ------------------------------------------------------------------------------ train / sweep
 
 TRAIN_FLAGS = {
     # flag: (type, help)
-    "model": (str, "mlp | resnet18 | resnet10 | resnet8 | vit"),
-    "width": (float, "hidden width (ResNets: width multiplier)"),
+    "model": (str, " | ".join(MODEL_NAMES)),
+    "width": (
+        float,
+        "the model's width: MLP hidden units, ViT embedding size, ResNet first-stage channels",
+    ),
     "base_width": (float, "base width of the μP scaling"),
     "dataset": (str, "cifar10 | cifar100 | synthetic"),
     "data_dir": (str, "where the dataset lives"),
@@ -204,8 +267,6 @@ TRAIN_FLAGS = {
 
 
 def _parse_value(text: str):
-    import json
-
     try:
         return json.loads(text)
     except ValueError:
@@ -222,8 +283,7 @@ def _apply_sets(config: dict, sets: list[str] | None) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, load_config_file, train
-
+    """``mupp train``: one run from flags, a config file and ``--set`` (later ones win)."""
     config = load_config_file(args.config) if args.config else {}
     config = dict(config.get("train", config))
     for name in TRAIN_FLAGS:
@@ -250,8 +310,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         stop_after_epochs=args.stop_after_epochs,
     )
-    from .distributed import world
-
     if world()[0] != 0:
         return 0
     print(
@@ -265,11 +323,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _discard_checkpoint(out: str) -> None:
     """``--restart``: remove the run's checkpoint (file or sharded directory) and record."""
-    import shutil
-    from pathlib import Path
-
-    from .distributed import world
-
     if world()[0] != 0:
         return
     folder = Path(out)
@@ -279,29 +332,8 @@ def _discard_checkpoint(out: str) -> None:
         shutil.rmtree(folder / name, ignore_errors=True)
 
 
-def preset_names() -> list[str]:
-    """The experiments shipped in ``mupp/presets``."""
-    from importlib import resources
-
-    folder = resources.files("mupp") / "presets"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
-
-
-def load_preset(name: str) -> dict:
-    from importlib import resources
-
-    from .train import load_config_file
-
-    path = resources.files("mupp") / "presets" / f"{name}.toml"
-    if not path.is_file():
-        raise ValueError(f"preset must be one of {preset_names()}; got {name!r}")
-    return load_config_file(str(path))
-
-
 def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict, list | None]:
     """(base config, grid, queue order) of a sweep from --preset/--config, --set, --grid."""
-    from .train import load_config_file
-
     if args.preset and args.config:
         raise ValueError("give either --preset or --config, not both")
     spec = (
@@ -320,8 +352,6 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict, list | None]:
             raise ValueError(f"[grid] {k} must be a non-empty list, e.g. {k} = [{v!r}]; got {v!r}")
     grid = {k: list(v) for k, v in raw_grid.items()}
     if args.data_dir:  # one dataset, one identity: a resumed sweep matches from any directory
-        from pathlib import Path
-
         base["data_dir"] = str(Path(args.data_dir).expanduser().resolve())
     _apply_sets(base, args.set)
     for item in args.grid or []:
@@ -333,9 +363,6 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict, list | None]:
         raise ValueError(
             "the sweep has no grid: use --preset, a --config with a [grid] table, or --grid"
         )
-    from .sweep import expand_point, grid_points
-    from .train import TrainConfig
-
     order = spec.get("sweep", {}).get("order")
     if order is not None:
         order = [k for k in order if k in grid] + [k for k in grid if k not in order]
@@ -348,14 +375,10 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict, list | None]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from . import data
-    from .sweep import grid_points, run_sweep
-
+    """``mupp sweep``: queue the grid in the sweep storage and train it; exit 3 while incomplete."""
     base, grid, order = _sweep_spec(args)
     if base.get("dataset", "cifar10") != "synthetic":  # before any worker starts
         data.load(base.get("dataset", "cifar10"), base.get("data_dir"))
-    import os
-
     results = run_sweep(
         grid,
         base,
@@ -382,11 +405,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _rows(args: argparse.Namespace) -> list[dict]:
-    from pathlib import Path
-
-    from .analysis import rows_from_records
-    from .sweep import load_results, storage_url
-
     if args.storage is None and not (Path(args.out) / "sweep.db").exists():
         raise ValueError(
             f"no sweep in {args.out}: expected {Path(args.out) / 'sweep.db'}, or pass --storage URL"
@@ -407,10 +425,7 @@ def _rows(args: argparse.Namespace) -> list[dict]:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .analysis import plot_sweep
-
+    """``mupp plot``: heatmaps, ρ-slices and the gain-vs-width figure of a sweep."""
     paths = plot_sweep(_rows(args), str(Path(args.out) / "sweep"))
     for p in paths:
         print(f"wrote {p}")
@@ -418,10 +433,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    import json
-
-    from .analysis import format_transfer, transfer_summary
-
+    """``mupp transfer``: optimum per width, its shift, transfer regret and SAM's gain, with CIs."""
     summary = transfer_summary(_rows(args))
     print(format_transfer(summary))
     if args.json:
@@ -434,14 +446,6 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The overfitting regime in miniature (preset ``mlp-cifar10-demo``): ρ-slices at one η for
     μP² and μP-global across widths, 2 seeds, SAM's gain with 95% intervals."""
-    import json
-    import time
-    from pathlib import Path
-
-    from . import data
-    from .analysis import format_transfer, plot_sweep, rows_from_records, transfer_summary
-    from .sweep import run_sweep
-
     spec = load_preset("mlp-cifar10-demo")
     base, grid = dict(spec["train"]), {k: list(v) for k, v in spec["grid"].items()}
     try:
@@ -476,173 +480,3 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"figures: {', '.join(paths)}")
     print(f"transfer table: {Path(args.out) / 'transfer.json'}; wall time {time.time() - t0:.0f}s")
     return 0
-
-
-def _add_sweep_io(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--out", default="runs/sweep", help="output directory (runs, SQLite storage, figures)"
-    )
-    p.add_argument(
-        "--storage",
-        default=None,
-        help="Optuna storage URL (default: SQLite in --out; 'journal:PATH' for a journal file)",
-    )
-
-
-def _add_seed_filter(p: argparse.ArgumentParser) -> None:
-    def seed_list(text: str) -> list[int]:
-        try:
-            return [int(x) for x in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected seeds like 0,1; got {text!r}") from None
-
-    p.add_argument(
-        "--seeds",
-        type=seed_list,
-        default=None,
-        help="only these seeds, e.g. 0 (a study in progress: compare cells on the same seeds)",
-    )
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from .cli import float_list
-
-    t = sub.add_parser("train", help="one training run from flags or a TOML/YAML config")
-    t.add_argument("--config", default=None, help="TOML/YAML file (a [train] table or flat keys)")
-    for name, (typ, hlp) in TRAIN_FLAGS.items():
-        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=hlp)
-    t.add_argument("--parameterization", default=None)
-    t.add_argument("--variant", default=None)
-    t.add_argument("--rule", default=None)
-    t.add_argument("--nesterov", action="store_true")
-    t.add_argument("--augment", action="store_true", help="random crop + horizontal flip")
-    t.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help='any training option, e.g. model_kwargs={"output_mult": 0.5}',
-    )
-    t.add_argument("--out", default=None, help="directory for checkpoint.pt and result.json")
-    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    t.add_argument(
-        "--restart",
-        action="store_true",
-        help="discard the checkpoint and record in --out and start the run over",
-    )
-    t.add_argument(
-        "--stop-after-epochs",
-        type=int,
-        default=None,
-        metavar="N",
-        help="end this call after N epochs (time-boxed jobs); continue later with --resume",
-    )
-    t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(func=cmd_train)
-
-    s = sub.add_parser("sweep", help="grid sweep through Optuna storage (resumable, multi-worker)")
-    s.add_argument(
-        "--preset",
-        default=None,
-        help="a built-in experiment: " + " | ".join(preset_names()),
-    )
-    s.add_argument("--config", default=None, help="TOML/YAML with [train] and [grid] tables")
-    s.add_argument(
-        "--grid", action="append", metavar="KEY=V1,V2", help="add or replace a grid axis"
-    )
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training option")
-    s.add_argument("--data-dir", default=None)
-    _add_sweep_io(s)
-    s.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="local worker processes, one thread each (default: one per CPU core, the layout "
-        "that trained the most study runs per hour: benchmarks/study_run.py)",
-    )
-    s.add_argument(
-        "--reclaim-running",
-        action="store_true",
-        help="re-run trials left RUNNING by killed workers now (no other worker alive)",
-    )
-    s.add_argument("--no-progress", action="store_true")
-    s.add_argument(
-        "--allow-partial",
-        action="store_true",
-        help="exit 0 even when grid points are still queued or running elsewhere (default: 3)",
-    )
-    s.add_argument(
-        "--keep-checkpoints",
-        action="store_true",
-        help="keep each finished run's weights (default: only its record; interrupted runs "
-        "always keep their checkpoint to resume from)",
-    )
-    s.add_argument(
-        "--vectorize",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="train MLP grid points that differ only in lr/rho together (auto: on CUDA only)",
-    )
-    s.set_defaults(func=cmd_sweep)
-
-    pl = sub.add_parser("plot", help="Fig. 1-style heatmaps and slices of a sweep (PNG + PDF)")
-    _add_sweep_io(pl)
-    _add_seed_filter(pl)
-    pl.set_defaults(func=cmd_plot)
-
-    tr = sub.add_parser("transfer", help="optimum per width, shift, transfer regret, SAM gain")
-    _add_sweep_io(tr)
-    _add_seed_filter(tr)
-    tr.add_argument("--json", default=None)
-    tr.set_defaults(func=cmd_transfer)
-
-    d = sub.add_parser(
-        "demo", help="SAM's gain across widths in the overfitting regime, in miniature (~10 min)"
-    )
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--data-dir", default=None)
-    d.add_argument("--workers", type=int, default=2)
-    d.add_argument("--no-progress", action="store_true")
-    d.add_argument("--keep-checkpoints", action="store_true", help="keep each run's weights")
-    d.set_defaults(func=cmd_demo)
-
-    c = sub.add_parser("coordcheck", help="perturbation and update coordinate check across widths")
-    c.add_argument(
-        "--model",
-        default="mlp",
-        help="mlp | resnet | vit, or MODULE:FUNCTION, your width -> model factory (base shapes "
-        "set), e.g. mypkg.models:make",
-    )
-    c.add_argument(
-        "--flatten", action="store_true", help="with MODULE:FUNCTION: feed images as vectors"
-    )
-    add_sam_args(c)
-    c.add_argument("--widths", type=float_list, default=[64, 128, 256, 512])
-    c.add_argument("--base-width", type=float, default=None)
-    c.add_argument("--steps", type=int, default=10)
-    c.add_argument("--seeds", type=int, default=2)
-    c.add_argument("--lr", type=float, default=0.1)
-    c.add_argument("--rho", type=float, default=0.1)
-    c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--dataset", default="synthetic", choices=["cifar10", "cifar100", "synthetic"])
-    c.add_argument("--data-dir", default=None)
-    c.add_argument("--json", default=None, help="write the result as JSON")
-    c.add_argument("--plot", default=None, help="write a log-log plot (PNG)")
-    c.add_argument(
-        "--compare-last-layer",
-        action="store_true",
-        help="instead: how far μP-global SAM is from last-layer SAM, relative to SGD, per width",
-    )
-    c.set_defaults(func=cmd_coordcheck)
-
-    st = sub.add_parser(
-        "stats", help="Fig. H.1 statistics of finished runs (perturbations, updates, Hessian)"
-    )
-    st.add_argument("runs", nargs="+", help="run directories (with checkpoint.pt)")
-    st.add_argument("--data-dir", default=None, help="dataset location (default: the run's)")
-    st.add_argument("--probe-size", type=int, default=512, help="training images in the probe")
-    st.add_argument("--json", default=None, help="write the statistics as JSON")
-    st.set_defaults(func=cmd_stats)
-
-    m = sub.add_parser("models", help="list the models with parameter counts at given widths")
-    m.add_argument("--widths", type=lambda s: [float(x) for x in s.split(",")], default=None)
-    m.set_defaults(func=cmd_models)

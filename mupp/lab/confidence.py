@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from scipy.stats import t as student_t
+
 LEVEL = 0.95
 
 
@@ -18,9 +20,7 @@ def t_quantile(df: int, level: float = LEVEL) -> float:
     """The two-sided Student-t quantile ``t_{(1+level)/2, df}``."""
     if df < 1:
         raise ValueError(f"df must be >= 1; got {df}")
-    from scipy.stats import t
-
-    return float(t.ppf(0.5 + level / 2, df))
+    return float(student_t.ppf(0.5 + level / 2, df))
 
 
 def interval(values: Sequence[float], level: float = LEVEL) -> dict[str, float]:

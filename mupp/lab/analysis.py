@@ -1,0 +1,231 @@
+"""From sweep results to the paper's Figure 1 workflow: optimum per width, its shift,
+transfer regret and SAM's gain over SGD, with confidence intervals over seeds (``mupp
+transfer``); :mod:`mupp.lab.plots` draws them (``mupp plot``)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from . import confidence
+from .sweep import expand_point
+
+
+def rows_from_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Flatten sweep records (``params`` + ``result``) into one row per run.
+
+    ``setting`` names what a transfer table compares: the parameterization, with the SAM
+    variant appended when it is not plain SAM (``"mupp/sam-on"``).
+    """
+    rows = []
+    for r in records:
+        cfg = dict(r["result"]["config"])
+        cfg.update(expand_point(r.get("params", {})))
+        variant = cfg.get("variant", "sam")
+        rows.append(
+            {
+                "setting": cfg["parameterization"] + ("" if variant == "sam" else f"/{variant}"),
+                "parameterization": cfg["parameterization"],
+                "variant": variant,
+                "width": cfg["width"],
+                "lr": cfg["lr"],
+                "rho": cfg["rho"],
+                "seed": cfg.get("seed", 0),
+                "acc": r["result"]["best_test_acc"],
+                "acc_exact": r["result"].get("test_acc_exact"),
+                "diverged": bool(r["result"]["diverged"]),
+            }
+        )
+    return rows
+
+
+def aggregate(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[tuple, dict[str, Any]]]:
+    """``{(setting, width): {(lr, rho): cell}}``; a cell holds the mean ``acc`` over seeds, its
+    standard deviation ``acc_std``, the half-width ``acc_ci`` of its 95% t-interval (``nan``
+    with one seed), the accuracy ``by_seed``, the mean ``acc_exact`` (``None`` unless every run
+    has it), the ``diverged`` fraction and the number of runs ``n``."""
+    cells: dict[tuple, dict[tuple, list]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        cells[(r.get("setting", r["parameterization"]), r["width"])][(r["lr"], r["rho"])].append(r)
+    out: dict[tuple, dict[tuple, dict[str, Any]]] = {}
+    for key, grid in cells.items():
+        out[key] = {}
+        for lr_rho, runs in grid.items():
+            accs = [x["acc"] for x in runs]
+            mean = sum(accs) / len(accs)
+            exact = [x.get("acc_exact") for x in runs]
+            out[key][lr_rho] = {
+                "acc": mean,
+                "acc_std": math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs)),
+                "acc_ci": confidence.interval(accs)["half_width"],
+                "by_seed": {x.get("seed", 0): x["acc"] for x in runs},
+                "acc_exact": None if None in exact else sum(exact) / len(exact),
+                "diverged": sum(x["diverged"] for x in runs) / len(runs),
+                "n": len(runs),
+            }
+    return out
+
+
+def optimum(
+    cells: Mapping[tuple, Mapping[str, Any]], rho_filter: Callable[[float], bool] | None = None
+) -> tuple[tuple, float] | None:
+    """``((lr, rho), mean acc)`` of the best cell among those whose ``rho`` passes
+    ``rho_filter`` (``rho == 0``: SGD; ``rho > 0``: SAM); ``None`` when there is none."""
+    best = None
+    for (lr, rho), v in cells.items():
+        if rho_filter is not None and not rho_filter(rho):
+            continue
+        if best is None or v["acc"] > best[1]:
+            best = ((lr, rho), v["acc"])
+    return best
+
+
+def tied_with_best(cells: Mapping[tuple, Mapping[str, Any]], best: tuple) -> list[tuple] | None:
+    """The cells whose accuracy is statistically tied with cell ``best``: the 95% interval of
+    the per-seed difference ``best - cell`` contains zero.  ``None`` when fewer than two seeds
+    make the test impossible."""
+    if cells[best]["n"] < 2:
+        return None
+    tied = []
+    for lr_rho, v in cells.items():
+        d = confidence.paired(cells[best]["by_seed"], v["by_seed"])
+        if lr_rho == best or (d is not None and d["n"] >= 2 and not confidence.excludes_zero(d)):
+            tied.append(lr_rho)
+    return sorted(tied)
+
+
+def _diff(d: Mapping[str, float] | None) -> dict[str, Any]:
+    if d is None:
+        return {"mean": None, "ci": None, "seeds": 0}
+    ci = d["half_width"]
+    return {"mean": d["mean"], "ci": None if math.isnan(ci) else ci, "seeds": d["n"]}
+
+
+def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per setting (parameterization, and SAM variant when not plain SAM), per width:
+
+    - the optimum ``(lr, rho)`` by seed-mean accuracy, its 95% interval ``acc_ci`` and the grid
+      cells statistically ``tied`` with it (paired over seeds, :func:`tied_with_best`);
+    - SAM's gain over SGD: the best ``rho > 0`` cell minus the best ``rho = 0`` cell (each over
+      learning rates), ``sam_gain`` as a mean and ``sam_gain_diff`` paired per seed with its
+      interval (same seed: same initialization and data order);
+
+    and across widths: the optimum's shift in grid steps from the smallest to the largest width,
+    whether it moved beyond the tie (``optimum_moved``: the small width's optimum is not tied
+    with the best at the largest width) and the transfer regret, the accuracy lost at the
+    largest width by using the smallest width's optimum, paired per seed with its interval.
+    Picking the best of many cells favours lucky cells, so gains at the optimum lean high.
+    """
+    agg = aggregate(rows)
+    lrs = sorted({r["lr"] for r in rows})
+    rhos = sorted({r["rho"] for r in rows})
+    out: dict[str, Any] = {
+        "lr_grid": lrs,
+        "rho_grid": rhos,
+        "confidence_level": confidence.LEVEL,
+        "parameterizations": {},
+    }
+    for par in sorted({p for p, _ in agg}):
+        widths = sorted(w for p, w in agg if p == par)
+        per_width = {}
+        for w in widths:
+            cells = agg[(par, w)]
+            opt = optimum(cells, lambda rho: rho > 0) or optimum(cells)
+            sgd = optimum(cells, lambda rho: rho == 0)
+            sam = optimum(cells, lambda rho: rho > 0)
+            gain = (
+                confidence.paired(cells[sam[0]]["by_seed"], cells[sgd[0]]["by_seed"])
+                if (sam and sgd)
+                else None
+            )
+            ci = cells[opt[0]]["acc_ci"]
+            tied = tied_with_best(cells, opt[0])
+            per_width[w] = {
+                "lr": opt[0][0],
+                "rho": opt[0][1],
+                "acc": opt[1],
+                "acc_std": cells[opt[0]]["acc_std"],
+                "acc_ci": None if math.isnan(ci) else ci,
+                "acc_exact": cells[opt[0]]["acc_exact"],
+                "seeds": cells[opt[0]]["n"],
+                "tied": None if tied is None else [list(c) for c in tied],
+                "sgd_lr": sgd[0][0] if sgd else None,
+                "sgd_acc": sgd[1] if sgd else None,
+                "sam_gain": (sam[1] - sgd[1]) if (sam and sgd) else None,
+                "sam_gain_diff": _diff(gain),
+            }
+        small, large = per_width[widths[0]], per_width[widths[-1]]
+        large_cells = agg[(par, widths[-1])]
+        small_opt = (small["lr"], small["rho"])
+        transferred = large_cells.get(small_opt)
+        regret = (
+            confidence.paired(
+                large_cells[(large["lr"], large["rho"])]["by_seed"], transferred["by_seed"]
+            )
+            if transferred
+            else None
+        )
+        tied_large = large["tied"]
+        out["parameterizations"][par] = {
+            "widths": widths,
+            "optimum": per_width,
+            "shift_lr_steps": lrs.index(large["lr"]) - lrs.index(small["lr"]),
+            "shift_rho_steps": rhos.index(large["rho"]) - rhos.index(small["rho"]),
+            "optimum_moved": None
+            if tied_large is None or len(widths) < 2
+            else list(small_opt) not in tied_large,
+            "transfer_acc": transferred["acc"] if transferred else None,
+            "transfer_regret": (large["acc"] - transferred["acc"]) if transferred else None,
+            "transfer_regret_diff": _diff(regret),
+        }
+    return out
+
+
+def _pm(mean: float | None, ci: float | None, signed: bool = False) -> str:
+    if mean is None:
+        return "-"
+    text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
+    return text if ci is None else f"{text}±{ci:.4f}"
+
+
+def format_transfer(summary: Mapping[str, Any]) -> str:
+    """The transfer table as text: ``±`` is the half-width of the 95% interval over seeds
+    (paired by seed for the gain and the regret)."""
+    lines = []
+    for par, s in summary["parameterizations"].items():
+        lines.append(f"{par}")
+        lines.append(
+            f"  {'width':>8} {'best lr':>9} {'best rho':>9} {'test acc':>16} {'exact 1k':>9}"
+            f" {'tied':>5} {'SGD acc':>9} {'SAM gain (paired)':>18}"
+        )
+        for w in s["widths"]:
+            o = s["optimum"][w]
+            sgd = "-" if o["sgd_acc"] is None else f"{o['sgd_acc']:.4f}"
+            gain = o["sam_gain_diff"]
+            exact = "-" if o["acc_exact"] is None else f"{o['acc_exact']:.4f}"
+            tied = "-" if o["tied"] is None else str(len(o["tied"]))
+            lines.append(
+                f"  {w:>8g} {o['lr']:>9.4g} {o['rho']:>9.4g} {_pm(o['acc'], o['acc_ci']):>16}"
+                f" {exact:>9} {tied:>5} {sgd:>9} {_pm(gain['mean'], gain['ci'], True):>18}"
+            )
+        r = s["transfer_regret_diff"]
+        moved = {None: "untested (one seed)", True: "yes", False: "no, within the tie"}[
+            s["optimum_moved"]
+        ]
+        lines.append(
+            f"  optimum shift {s['widths'][0]:g} -> {s['widths'][-1]:g}: lr {s['shift_lr_steps']:+d} "
+            f"steps, rho {s['shift_rho_steps']:+d} steps; moved beyond the tie: {moved}; "
+            f"transfer regret {_pm(r['mean'], r['ci'])}"
+        )
+        lines.append("")
+    seeds = {
+        o["seeds"] for s in summary["parameterizations"].values() for o in s["optimum"].values()
+    }
+    lines.append(
+        f"± : {summary.get('confidence_level', confidence.LEVEL):.0%} t-interval over seeds "
+        f"(seeds per cell: {', '.join(str(n) for n in sorted(seeds))}); tied: grid cells not "
+        "significantly worse than the optimum (paired by seed)"
+    )
+    return "\n".join(lines)

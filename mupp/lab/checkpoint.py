@@ -1,0 +1,166 @@
+"""Run checkpoints: one checksummed file per run, or a sharded directory under FSDP2.
+
+:func:`save_checkpoint` writes a one-line SHA-256 header before the ``torch.save`` payload;
+:func:`load_checkpoint` verifies it and loads with ``weights_only=True``, which never runs code
+from the file.  :class:`RunCheckpoint` is what :func:`mupp.lab.train.train` saves every epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import distributed
+from .config import TrainConfig
+
+CHECKPOINT_MAGIC = b"mupp-checkpoint sha256="
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted or read: corrupt, truncated, or unsafe to load."""
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write ``state`` (tensors and plain data only) atomically, with a SHA-256 checksum of
+    its bytes in a one-line header, so that :func:`load_checkpoint` detects corruption."""
+    buf = io.BytesIO()
+    torch.save(dict(state), buf)
+    payload = buf.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(CHECKPOINT_MAGIC + digest + b"\n")
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`: verify its checksum, then load it
+    with ``torch.load(weights_only=True)``, which never runs code from the file.  A checkpoint
+    of an older mupp (no checksum) loads when it holds only tensors and plain data.  Anything
+    else raises :class:`CheckpointError` saying what to do."""
+    path = Path(path)
+    data = path.read_bytes()
+    remedy = (
+        f"delete {path.parent} (or rerun with --restart) to start the run over, or resume "
+        "from a copy you trust"
+    )
+    if data.startswith(CHECKPOINT_MAGIC):
+        header, _, payload = data.partition(b"\n")
+        want = header[len(CHECKPOINT_MAGIC) :].decode("ascii", "replace")
+        if hashlib.sha256(payload).hexdigest() != want:
+            raise CheckpointError(
+                f"{path} is corrupt: its checksum does not match its contents; {remedy}"
+            )
+    else:
+        payload = data  # an older mupp checkpoint: no checksum to verify
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} cannot be loaded safely ({first[:200]}): it is truncated, corrupt, or holds "
+            f"objects other than tensors and plain data; {remedy}"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a mupp checkpoint; {remedy}")
+    return state
+
+
+class RunCheckpoint:
+    """A run's checkpoint: ``checkpoint.pt`` (one file, written by rank 0), or for sharded
+    runs a ``checkpoint/`` directory of ``torch.distributed.checkpoint`` shards (every rank
+    writes its own) with the run's record in ``checkpoint/mupp.json``.  Both are replaced
+    atomically: a killed run resumes from the last complete epoch."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, sharded: bool, writer: bool) -> None:
+        self.out, self.cfg, self.sharded, self.writer = out, cfg, sharded, writer
+        self.path = out / ("checkpoint" if sharded else "checkpoint.pt")
+
+    def exists(self) -> bool:
+        """Whether a complete checkpoint is there to resume from."""
+        return (self.path / "mupp.json").is_file() if self.sharded else self.path.is_file()
+
+    def _check_config(self, stored: Mapping[str, Any]) -> None:
+        # a checkpoint of an older mupp lacks newer options: it ran with their defaults
+        stored = {**TrainConfig().to_dict(), **stored}
+        want = self.cfg.to_dict()
+        if stored != want:
+            differ = sorted(k for k in set(stored) | set(want) if stored.get(k) != want.get(k))
+            raise ValueError(
+                f"{self.path} belongs to a different configuration (differs in {differ}); use "
+                "another output directory, or --restart to discard it"
+            )
+
+    def save(self, model, opt, sched, history, epoch: int, elapsed: float) -> None:
+        """Write the state after ``epoch`` (model, optimizer, scheduler, RNG, history)."""
+        meta = {
+            "config": self.cfg.to_dict(),
+            "scheduler": sched.state_dict(),
+            "history": history,
+            "epoch": epoch,
+            "elapsed": elapsed,
+        }
+        if not self.sharded:
+            if not self.writer:
+                return
+            state = dict(
+                meta,
+                model=model.state_dict(),
+                optimizer=opt.state_dict(),
+                rng=torch.get_rng_state(),
+            )
+            save_checkpoint(state, self.path)
+            return
+        tmp = self.out / "checkpoint.tmp"
+        if self.writer and tmp.exists():
+            shutil.rmtree(tmp)
+        torch.distributed.barrier()
+        distributed.save_sharded(tmp, model, opt, {"rng": torch.get_rng_state()})
+        torch.distributed.barrier()
+        if self.writer:
+            (tmp / "mupp.json").write_text(json.dumps(meta))
+            old = self.out / "checkpoint.old"
+            if self.path.exists():
+                os.replace(self.path, old)
+            os.replace(tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        torch.distributed.barrier()
+
+    def load(self, model, opt, sched) -> tuple[list, int, float]:
+        """Restore the state in place; returns ``(history, next epoch, elapsed seconds)``."""
+        if not self.sharded:
+            state = load_checkpoint(self.path)
+            self._check_config(state["config"])
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            meta = state
+        else:
+            meta = json.loads((self.path / "mupp.json").read_text())
+            self._check_config(meta["config"])
+            extra = distributed.load_sharded(self.path, model, opt, {"rng": torch.get_rng_state()})
+            torch.set_rng_state(extra["rng"])
+        sched.load_state_dict(meta["scheduler"])
+        return meta["history"], meta["epoch"] + 1, meta["elapsed"]
+
+    def delete(self) -> None:
+        """Remove the checkpoint (a finished run keeps only its record)."""
+        if not self.writer:
+            return
+        if self.sharded:
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            self.path.unlink(missing_ok=True)

@@ -1,0 +1,207 @@
+"""The built-in coordinate checks (``mupp coordcheck``): the library's measurements
+(:mod:`mupp.diagnostics`) on the built-in models, trained on a dataset of :mod:`mupp.lab.data`.
+
+- :func:`coordcheck`: per-layer perturbation and update scaling across widths (Sec. 3, Fig. 2);
+- :func:`last_layer_equivalence`: how close μP-global SAM is to last-layer SAM (Prop. 2,
+  App. H.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..choices import MODEL_NAMES, ModelName, check_choice
+from ..diagnostics.coordcheck import coord_data, slope, train_steps
+from ..models import build
+from ..optim import SAM
+from . import data as data_mod
+
+# base widths of the built-in checks (a ResNet's width is its first stage's channel count)
+DEFAULT_BASE = {"mlp": 64, "resnet8": 8, "resnet10": 8, "resnet18": 8, "vit": 32}
+
+
+def _build(
+    model: str, width: float, base: float, num_classes: int, sp: bool = False
+) -> torch.nn.Module:
+    """The model at ``width``; with ``sp`` the MLP gets standard (He, readout ``1/fan_in``)
+    initialization instead of μP (its width metadata is still set, for the measurements)."""
+    if model == "mlp":
+        net = build("mlp", width, base, d_out=num_classes)
+        if sp:
+            net.reset_parameters(mup=False)
+        return net
+    if model == "vit":
+        return build("vit", width, base, depth=2, heads=2, num_classes=num_classes, patch=8)
+    return build(model, width, base, num_classes=num_classes)
+
+
+def _train(
+    model_name: str,
+    width: float,
+    base_width: float,
+    *,
+    parameterization: str,
+    variant: str,
+    rule: str,
+    steps: int,
+    seed: int,
+    lr: float,
+    rho: float,
+    batch_size: int,
+    dataset: data_mod.Dataset,
+):
+    """Build and train one width of a built-in model for ``steps`` SAM steps (``rho = 0``:
+    plain μP SGD)."""
+    torch.manual_seed(seed)
+    model = _build(model_name, width, base_width, dataset.num_classes, sp=parameterization == "sp")
+    opt = sgd_sam(model, parameterization, variant, rule, lr, rho)
+    gen = torch.Generator().manual_seed(seed)
+    batches = _infinite_batches(dataset, batch_size, gen, model_name == "mlp")
+    train_steps(model, opt, batches, steps)
+    return model, opt, batches
+
+
+def sgd_sam(
+    model: torch.nn.Module, parameterization: str, variant: str, rule: str, lr: float, rho: float
+) -> SAM:
+    """:class:`mupp.SAM` over plain SGD: the optimizer of the built-in coordinate checks."""
+    return SAM(
+        model.parameters(),
+        torch.optim.SGD,
+        lr=lr,
+        rho=rho,
+        parameterization=parameterization,
+        variant=variant,
+        rule=rule,
+    )
+
+
+def _probe(model_name: str, dataset: data_mod.Dataset) -> torch.Tensor:
+    probe = data_mod.normalize(dataset.test.x[:64], dataset.name)
+    return probe.flatten(1) if model_name == "mlp" else probe
+
+
+def last_layer_equivalence(
+    model: str = "mlp",
+    widths: Sequence[float] = (64, 256, 1024),
+    *,
+    base_width: float | None = None,
+    steps: int = 50,
+    seeds: int = 1,
+    lr: float = 0.05,
+    rho: float = 0.1,
+    batch_size: int = 64,
+    dataset: str = "synthetic",
+    data_dir: str | None = None,
+) -> dict[str, Any]:
+    """App. H.1 / Prop. 2: under μP-global, SAM behaves like last-layer SAM at large width.
+
+    Trains SAM (μP-global), last-layer SAM (μP-global) and SGD (μP) from the same init on the
+    same batches and reports per width ``gap = ||f_SAM - f_LL|| / ||f_SAM - f_SGD||`` on a probe
+    batch: the share of SAM's effect on the function that last-layer SAM does *not* reproduce.
+    It shrinks as width grows."""
+    if len(widths) < 2:
+        raise ValueError(f"widths needs at least 2 entries to fit a slope; got {list(widths)}")
+    base = DEFAULT_BASE[model] if base_width is None else base_width
+    ds = data_mod.load(dataset, data_dir)
+    probe = _probe(model, ds)
+    gaps = []
+    for w in widths:
+        vals = []
+        for s in range(seeds):
+            outs = {}
+            for name, variant, r in (
+                ("sam", "sam", rho),
+                ("ll", "last-layer", rho),
+                ("sgd", "sam", 0.0),
+            ):
+                m, _, _ = _train(
+                    model,
+                    w,
+                    base,
+                    parameterization="mup-global",
+                    variant=variant,
+                    rule="LP",
+                    steps=steps,
+                    seed=s,
+                    lr=lr,
+                    rho=r,
+                    batch_size=batch_size,
+                    dataset=ds,
+                )
+                m.eval()
+                with torch.no_grad():
+                    outs[name] = m(probe)
+            vals.append(
+                ((outs["sam"] - outs["ll"]).norm() / (outs["sam"] - outs["sgd"]).norm()).item()
+            )
+        gaps.append(float(np.mean(vals)))
+    return {"widths": list(widths), "gap": gaps, "slope": slope(widths, gaps)}
+
+
+def _infinite_batches(
+    ds: data_mod.Dataset, batch_size: int, gen: torch.Generator, flatten: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        yield from data_mod.batches(
+            ds.train,
+            batch_size,
+            shuffle=True,
+            generator=gen,
+            name=ds.name,
+            flatten=flatten,
+            drop_last=True,
+        )
+
+
+def coordcheck(
+    model: ModelName = "mlp",
+    widths: Sequence[float] = (64, 128, 256, 512),
+    *,
+    base_width: float | None = None,
+    parameterization: str = "mupp",
+    variant: str = "sam",
+    rule: str = "LP",
+    steps: int = 10,
+    seeds: int = 2,
+    lr: float = 0.1,
+    rho: float = 0.1,
+    batch_size: int = 64,
+    dataset: str = "synthetic",
+    data_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The coordinate check of a built-in model (:data:`mupp.choices.MODEL_NAMES`; the ViT
+    with 2 blocks of 2 heads) trained with SGD-based SAM for ``steps`` steps; see
+    :func:`mupp.diagnostics.coord_data` for any model and for the returned record (Fig. 2)."""
+    check_choice("model", model, MODEL_NAMES)
+    base = DEFAULT_BASE[model] if base_width is None else base_width
+    ds = data_mod.load(dataset, data_dir)
+    config = dict(
+        model=model,
+        base_width=base,
+        parameterization=parameterization,
+        variant=variant,
+        rule=rule,
+        lr=lr,
+        rho=rho,
+        batch_size=batch_size,
+        dataset=dataset,
+    )
+    return coord_data(
+        lambda w: _build(model, w, base, ds.num_classes, sp=parameterization == "sp"),
+        widths,
+        lambda m: sgd_sam(m, parameterization, variant, rule, lr, rho),
+        lambda seed: _infinite_batches(
+            ds, batch_size, torch.Generator().manual_seed(seed), model == "mlp"
+        ),
+        steps=steps,
+        seeds=seeds,
+        probe=_probe(model, ds),
+        progress=progress,
+        config=config,
+    )

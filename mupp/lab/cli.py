@@ -1,0 +1,337 @@
+"""The ``mupp`` command-line tool: the argument parser and the error reporting of ``main``;
+:mod:`mupp.lab.commands` does the work."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..choices import MODEL_NAMES, PARAMETERIZATIONS, RULES, VARIANTS
+from . import commands
+from .config import preset_names
+
+
+def float_list(text: str) -> list[float]:
+    """argparse type: comma-separated numbers, fractions allowed (``-1,1/2,0.5``)."""
+    try:
+        return [float(eval_fraction(t)) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def eval_fraction(t: str) -> float:
+    """A number or a fraction (``1/2``) from the command line."""
+    t = t.strip()
+    if "/" in t:
+        num, den = t.split("/", 1)
+        return float(num) / float(den)
+    return float(t)
+
+
+# ------------------------------------------------------------------------------------ parser
+
+
+def add_sam_args(p: argparse.ArgumentParser) -> None:
+    """The SAM options shared by coordcheck, train and sweep."""
+    p.add_argument("--parameterization", default="mupp", choices=PARAMETERIZATIONS)
+    p.add_argument("--variant", default="sam", choices=VARIANTS)
+    p.add_argument("--rule", default="LP", choices=RULES)
+
+
+def _add_sweep_io(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out", default="runs/sweep", help="output directory (runs, SQLite storage, figures)"
+    )
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL (default: SQLite in --out; 'journal:PATH' for a journal file)",
+    )
+
+
+def _add_seed_filter(p: argparse.ArgumentParser) -> None:
+    def seed_list(text: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected seeds like 0,1; got {text!r}") from None
+
+    p.add_argument(
+        "--seeds",
+        type=seed_list,
+        default=None,
+        help="only these seeds, e.g. 0 (a study in progress: compare cells on the same seeds)",
+    )
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    """``mupp data info|download``."""
+    d = sub.add_parser("data", help="dataset info and download")
+    dsub = d.add_subparsers(dest="data_cmd", metavar="ACTION", required=True)
+    di = dsub.add_parser("info", help="print split sizes, class counts, channel statistics (JSON)")
+    dd = dsub.add_parser("download", help="download the official archive (needs a network)")
+    for q in (di, dd):
+        q.add_argument("name", choices=["cifar10", "cifar100"])
+        q.add_argument("--data-dir", default=None)
+    d.set_defaults(func=commands.cmd_data)
+
+
+def _add_theory(sub: argparse._SubParsersAction) -> None:
+    """``mupp theory [classify]``."""
+    t = sub.add_parser("theory", help="Table 1 / Table F.1, or classify a bcd-parameterization")
+    t.add_argument("--json", action="store_true")
+    tsub = t.add_subparsers(dest="theory_cmd", metavar="ACTION")
+    tc = tsub.add_parser("classify", help="stability, effective/vanishing layers (Sec. 4)")
+    tc.add_argument("--b", type=float_list, required=True, help="init exponents b_l, e.g. 0,0.5,1")
+    tc.add_argument("--c", type=float_list, required=True, help="lr exponents c_l, e.g. -1,0,1")
+    tc.add_argument(
+        "--dl",
+        type=float_list,
+        required=True,
+        help="layerwise perturbation exponents d_l (nan: not perturbed)",
+    )
+    tc.add_argument("--d", type=eval_fraction, required=True, help="global perturbation exponent d")
+    tc.add_argument("--json", action="store_true")
+    t.set_defaults(func=commands.cmd_theory)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """``mupp train``: every TrainConfig field as a flag, plus ``--set``."""
+    t = sub.add_parser("train", help="one training run from flags or a TOML/YAML config")
+    t.add_argument("--config", default=None, help="TOML/YAML file (a [train] table or flat keys)")
+    for name, (typ, hlp) in commands.TRAIN_FLAGS.items():
+        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=hlp)
+    t.add_argument("--parameterization", default=None)
+    t.add_argument("--variant", default=None)
+    t.add_argument("--rule", default=None)
+    t.add_argument("--nesterov", action="store_true")
+    t.add_argument("--augment", action="store_true", help="random crop + horizontal flip")
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help='any training option, e.g. model_kwargs={"output_mult": 0.5}',
+    )
+    t.add_argument("--out", default=None, help="directory for checkpoint.pt and result.json")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    t.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the checkpoint and record in --out and start the run over",
+    )
+    t.add_argument(
+        "--stop-after-epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="end this call after N epochs (time-boxed jobs); continue later with --resume",
+    )
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=commands.cmd_train)
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    """``mupp sweep``."""
+    s = sub.add_parser("sweep", help="grid sweep through Optuna storage (resumable, multi-worker)")
+    s.add_argument(
+        "--preset",
+        default=None,
+        help="a built-in experiment: " + " | ".join(preset_names()),
+    )
+    s.add_argument("--config", default=None, help="TOML/YAML with [train] and [grid] tables")
+    s.add_argument(
+        "--grid", action="append", metavar="KEY=V1,V2", help="add or replace a grid axis"
+    )
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training option")
+    s.add_argument("--data-dir", default=None)
+    _add_sweep_io(s)
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local worker processes, one thread each (default: one per CPU core, the layout "
+        "that trained the most study runs per hour: benchmarks/study_run.py)",
+    )
+    s.add_argument(
+        "--reclaim-running",
+        action="store_true",
+        help="re-run trials left RUNNING by killed workers now (no other worker alive)",
+    )
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="exit 0 even when grid points are still queued or running elsewhere (default: 3)",
+    )
+    s.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each finished run's weights (default: only its record; interrupted runs "
+        "always keep their checkpoint to resume from)",
+    )
+    s.add_argument(
+        "--vectorize",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="train MLP grid points that differ only in lr/rho together (auto: on CUDA only)",
+    )
+    s.set_defaults(func=commands.cmd_sweep)
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    """``mupp plot``."""
+    pl = sub.add_parser("plot", help="Fig. 1-style heatmaps and slices of a sweep (PNG + PDF)")
+    _add_sweep_io(pl)
+    _add_seed_filter(pl)
+    pl.set_defaults(func=commands.cmd_plot)
+
+
+def _add_transfer(sub: argparse._SubParsersAction) -> None:
+    """``mupp transfer``."""
+    tr = sub.add_parser("transfer", help="optimum per width, shift, transfer regret, SAM gain")
+    _add_sweep_io(tr)
+    _add_seed_filter(tr)
+    tr.add_argument("--json", default=None)
+    tr.set_defaults(func=commands.cmd_transfer)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    """``mupp demo``."""
+    d = sub.add_parser(
+        "demo", help="SAM's gain across widths in the overfitting regime, in miniature (~10 min)"
+    )
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--data-dir", default=None)
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--keep-checkpoints", action="store_true", help="keep each run's weights")
+    d.set_defaults(func=commands.cmd_demo)
+
+
+def _add_coordcheck(sub: argparse._SubParsersAction) -> None:
+    """``mupp coordcheck``."""
+    c = sub.add_parser("coordcheck", help="perturbation and update coordinate check across widths")
+    c.add_argument(
+        "--model",
+        default="mlp",
+        help=" | ".join(MODEL_NAMES) + ", or MODULE:FUNCTION, your width -> model factory (base "
+        "shapes set), e.g. mypkg.models:make",
+    )
+    c.add_argument(
+        "--flatten", action="store_true", help="with MODULE:FUNCTION: feed images as vectors"
+    )
+    add_sam_args(c)
+    c.add_argument("--widths", type=float_list, default=[64, 128, 256, 512])
+    c.add_argument("--base-width", type=float, default=None)
+    c.add_argument("--steps", type=int, default=10)
+    c.add_argument("--seeds", type=int, default=2)
+    c.add_argument("--lr", type=float, default=0.1)
+    c.add_argument("--rho", type=float, default=0.1)
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--dataset", default="synthetic", choices=["cifar10", "cifar100", "synthetic"])
+    c.add_argument("--data-dir", default=None)
+    c.add_argument("--json", default=None, help="write the result as JSON")
+    c.add_argument("--plot", default=None, help="write a log-log plot (PNG)")
+    c.add_argument(
+        "--compare-last-layer",
+        action="store_true",
+        help="instead: how far μP-global SAM is from last-layer SAM, relative to SGD, per width",
+    )
+    c.set_defaults(func=commands.cmd_coordcheck)
+
+
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    """``mupp stats``."""
+    st = sub.add_parser(
+        "stats", help="Fig. H.1 statistics of finished runs (perturbations, updates, Hessian)"
+    )
+    st.add_argument("runs", nargs="+", help="run directories (with checkpoint.pt)")
+    st.add_argument("--data-dir", default=None, help="dataset location (default: the run's)")
+    st.add_argument("--probe-size", type=int, default=512, help="training images in the probe")
+    st.add_argument("--json", default=None, help="write the statistics as JSON")
+    st.set_defaults(func=commands.cmd_stats)
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    """``mupp models``."""
+    m = sub.add_parser("models", help="list the models with parameter counts at given widths")
+    m.add_argument("--widths", type=lambda s: [float(x) for x in s.split(",")], default=None)
+    m.set_defaults(func=commands.cmd_models)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mupp`` argument parser: one subcommand per function of :mod:`mupp.lab.commands`."""
+    p = argparse.ArgumentParser(prog="mupp", description="μP² for Sharpness-Aware Minimization")
+    p.add_argument("--version", action="version", version=f"mupp {__version__}")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error (also: environment variable MUPP_DEBUG=1)",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (
+        _add_data,
+        _add_theory,
+        _add_models,
+        _add_coordcheck,
+        _add_stats,
+        _add_train,
+        _add_sweep,
+        _add_plot,
+        _add_transfer,
+        _add_demo,
+    ):
+        add(sub)
+    return p
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """Let ``--c -1,0,1`` mean ``--c=-1,0,1`` (argparse takes '-1,0,1' for an option)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if (
+            tok in ("--b", "--c", "--dl", "--d")
+            and nxt
+            and nxt.startswith("-")
+            and nxt[1:2].isdigit()
+        ):
+            out.append(f"{tok}={nxt}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``mupp`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status: 2 for
+    bad input (one line on stderr; ``--debug`` or ``MUPP_DEBUG=1`` shows the traceback)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_join_negative_values(argv))
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
+        # bad input, understood where it was found: one clear line (--debug: the traceback)
+        if args.debug or os.environ.get("MUPP_DEBUG"):
+            raise
+        print(f"mupp: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `mupp models | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Figures: sweep heatmaps, ρ-slices and SAM's gain against width (``mupp plot``, paper
+Fig. 1), and coordinate checks (``mupp coordcheck --plot``, Fig. 2).
+
+Figures are drawn on :class:`matplotlib.figure.Figure` objects, without pyplot: nothing here
+changes the user's matplotlib backend or leaves figures open.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ..diagnostics.coordcheck import METRICS
+from .analysis import aggregate, optimum, transfer_summary
+
+
+def plot_sweep(rows: list[Mapping[str, Any]], prefix: str) -> list[str]:
+    """Fig. 1-style heatmaps (seed-mean test accuracy over lr × rho per setting and width, ×
+    at the optimum, the region within 1% of it outlined, diverged cells grey), slices
+    (accuracy against rho at each width's best lr with 95% intervals over seeds, SGD dashed)
+    and SAM's gain against width (:func:`plot_gain`).  Writes PNG and PDF; returns the paths."""
+    agg = aggregate(rows)
+    lrs = sorted({r["lr"] for r in rows})
+    rhos = sorted({r["rho"] for r in rows})
+    paths = _save(_heatmaps(agg, lrs, rhos), prefix, "heatmaps")
+    paths += _save(_slices(agg, rhos), prefix, "slices")
+    paths += plot_gain(rows, prefix)
+    return paths
+
+
+def _heatmaps(agg: Mapping[tuple, Mapping], lrs: list[float], rhos: list[float]) -> Figure:
+    """One panel per setting (rows) and width (columns): seed-mean accuracy over lr × rho."""
+    pars = sorted({p for p, _ in agg})
+    widths = sorted({w for _, w in agg})
+    fig = Figure(figsize=(3.2 * len(widths) + 1, 3.0 * len(pars)))
+    axes = fig.subplots(len(pars), len(widths), squeeze=False)
+    for i, par in enumerate(pars):
+        for j, w in enumerate(widths):
+            ax = axes[i][j]
+            cells = agg.get((par, w), {})
+            acc = np.full((len(lrs), len(rhos)), np.nan)
+            div = np.zeros_like(acc, dtype=bool)
+            for (lr, rho), v in cells.items():
+                acc[lrs.index(lr), rhos.index(rho)] = v["acc"] * 100
+                div[lrs.index(lr), rhos.index(rho)] = v["diverged"] >= 0.5
+            shown = np.where(div, np.nan, acc)
+            im = ax.imshow(shown, origin="lower", aspect="auto", cmap="viridis")
+            ax.imshow(
+                np.where(div, 1.0, np.nan),
+                origin="lower",
+                aspect="auto",
+                cmap="Greys",
+                vmin=0,
+                vmax=2,
+            )
+            if np.isfinite(shown).any():
+                best = np.nanmax(shown)
+                bi = np.unravel_index(np.nanargmax(shown), shown.shape)
+                ax.plot(bi[1], bi[0], "x", color="red", markersize=12, mew=3)
+                near = np.where(np.isfinite(shown), shown >= best - 1.0, False).astype(float)
+                if near.sum() > 0 and len(lrs) > 1 and len(rhos) > 1:
+                    ax.contour(near, levels=[0.5], colors="white", linewidths=1.5)
+            fig.colorbar(im, ax=ax, label="test acc (%)")
+            ax.set_xticks(range(len(rhos)), [f"{r:g}" for r in rhos], rotation=45)
+            ax.set_yticks(range(len(lrs)), [f"{x:g}" for x in lrs])
+            ax.set_xlabel("perturbation radius ρ")
+            ax.set_ylabel("learning rate η")
+            ax.set_title(f"{par}, width {w:g}")
+    return fig
+
+
+def _slices(agg: Mapping[tuple, Mapping], rhos: list[float]) -> Figure:
+    """One panel per setting: accuracy against rho at each width's best SAM lr (95% CI bars),
+    with SGD at that lr dashed."""
+    pars = sorted({p for p, _ in agg})
+    widths = sorted({w for _, w in agg})
+    fig = Figure(figsize=(5 * len(pars), 3.8))
+    axes = fig.subplots(1, len(pars), squeeze=False)
+    pos_rhos = [r for r in rhos if r > 0]
+    for i, par in enumerate(pars):
+        ax = axes[0][i]
+        for w in widths:
+            cells = agg.get((par, w), {})
+            opt = optimum(cells, lambda rho: rho > 0)
+            if not opt or not pos_rhos:
+                continue
+            lr = opt[0][0]
+            got = [(r, cells[(lr, r)]) for r in pos_rhos if (lr, r) in cells]
+            ys = [c["acc"] * 100 for _, c in got]
+            err = [0.0 if math.isnan(c["acc_ci"]) else c["acc_ci"] * 100 for _, c in got]
+            line = ax.errorbar(
+                [r for r, _ in got],
+                ys,
+                yerr=err,
+                fmt="o-",
+                capsize=3,
+                label=f"width {w:g} (η={lr:g})",
+            )[0]
+            sgd = cells.get((lr, 0.0))
+            if sgd:
+                ax.axhline(sgd["acc"] * 100, ls="--", color=line.get_color(), lw=1)
+        if pos_rhos:
+            ax.set_xscale("log")
+            ax.set_xticks(pos_rhos, [f"{r:g}" for r in pos_rhos])
+            ax.minorticks_off()
+        ax.set_xlabel("perturbation radius ρ")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{par}: at each width's best η\n(dashed: SGD at that η; bars: 95% CI)")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def plot_gain(rows: list[Mapping[str, Any]], prefix: str) -> list[str]:
+    """SAM's gain over SGD against width, one line per setting, with the 95% interval of the
+    per-seed paired gain (:func:`transfer_summary`): the paper's claim in one picture (μP²'s
+    gain persists with width, μP-global's decays toward last-layer SAM's; Fig. 1)."""
+    summary = transfer_summary(rows)["parameterizations"]
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.subplots()
+    for par, s in summary.items():
+        ws, gains, errs = [], [], []
+        for w in s["widths"]:
+            d = s["optimum"][w]["sam_gain_diff"]
+            if d["mean"] is None:
+                continue
+            ws.append(w)
+            gains.append(d["mean"] * 100)
+            errs.append(0.0 if d["ci"] is None else d["ci"] * 100)
+        if ws:
+            ax.errorbar(ws, gains, yerr=errs, fmt="o-", capsize=3, label=par)
+    ax.axhline(0.0, color="grey", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("width")
+    ax.set_ylabel("SAM gain over SGD (points)")
+    ax.set_title("best SAM minus best SGD, paired by seed (95% CI)")
+    ax.legend(fontsize=8)
+    return _save(fig, prefix, "gain")
+
+
+def _save(fig, prefix: str, kind: str) -> list[str]:
+    """Write ``{prefix}_{kind}.png`` and ``.pdf``; returns the paths."""
+    fig.tight_layout()
+    paths = []
+    for ext in ("png", "pdf"):
+        path = f"{prefix}_{kind}.{ext}"
+        fig.savefig(path, dpi=120)
+        paths.append(path)
+    return paths
+
+
+def plot_coordcheck(result: Mapping[str, Any], path: str) -> None:
+    """A coordinate check (:func:`mupp.diagnostics.coord_data`) as one log-log panel per
+    metric, one line per layer with its fitted width exponent (paper Fig. 2)."""
+    fig = Figure(figsize=(4 * len(METRICS), 3.4))
+    axes = fig.subplots(1, len(METRICS))
+    for ax, m in zip(axes, METRICS):
+        for layer in result["layers"]:
+            vals = result["metrics"][m][layer]
+            if all(v > 0 for v in vals):
+                s = result["slopes"][m][layer]
+                ax.loglog(result["widths"], vals, "o-", label=f"{layer} ({s:+.2f})")
+        ax.set_title(m)
+        ax.set_xlabel("width")
+        ax.legend(fontsize=7)
+    cfg = result["config"]
+    keys = ("model", "parameterization", "variant", "rule")
+    title = " ".join(str(cfg[k]) for k in keys if k in cfg)
+    fig.suptitle(f"{title}: {cfg['steps']} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

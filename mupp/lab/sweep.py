@@ -1,0 +1,617 @@
+"""Grid sweeps on Optuna storage (``mupp sweep``): SQLite, any SQLAlchemy URL, or a journal file.
+
+How a sweep stays exact:
+
+- the study is created with a :class:`optuna.samplers.GridSampler` over the grid, and every
+  grid point that has no finished result is *enqueued* once by :func:`prepare` (run before any
+  worker starts, and again on resume);
+- workers only pop enqueued trials, so two workers never run the same point.  PostgreSQL and
+  MySQL make the pop atomic with ``SELECT ... FOR UPDATE``; SQLite ignores that clause, so two
+  processes could both move the same WAITING trial to RUNNING (optuna/optuna#4002): on SQLite
+  the pop also holds a file lock beside the database (:func:`pop_lock`).  A popped trial sends
+  heartbeats while it trains;
+- a worker killed mid-trial leaves a RUNNING trial whose heartbeat stops; :func:`prepare` on
+  resume marks it failed (Optuna's ``fail_stale_trials``) and enqueues its point again, and the
+  run itself resumes from its last epoch checkpoint;
+- finished results are COMPLETE trials with the whole result record in their user attributes:
+  never lost, never duplicated.  Diverged runs are COMPLETE with ``diverged = True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import itertools
+import json
+import multiprocessing as mp
+import os
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from filelock import FileLock  # a dependency of torch
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from tqdm import tqdm
+
+from . import vectorized
+from .config import TrainConfig
+from .train import train
+
+HEARTBEAT_INTERVAL = 2
+GRACE_PERIOD = 8
+STUDY_NAME = "mupp-sweep"
+
+
+def storage_url(out_dir: str | os.PathLike, storage: str | None = None) -> str:
+    """Default: an SQLite file in the output directory."""
+    if storage:
+        return storage
+    return f"sqlite:///{Path(out_dir).resolve() / 'sweep.db'}"
+
+
+def storage_driver_url(url: str) -> str:
+    """``url`` with a driver SQLAlchemy can load: a plain ``postgresql://`` means psycopg 3 to
+    SQLAlchemy 2, so it is mapped to psycopg2 where only that one is installed.  Bad URLs get a
+    ``ValueError`` naming ``--storage`` and the accepted forms."""
+    if url.startswith("journal:"):
+        if not url[len("journal:") :]:
+            raise ValueError("--storage journal:PATH needs a file path")
+        return url
+    forms = "sqlite:///PATH, postgresql://USER@HOST/DB, mysql://USER@HOST/DB or journal:PATH"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"--storage must be a database URL ({forms}); got {url!r}") from None
+    if parsed.drivername == "postgresql":
+        if importlib.util.find_spec("psycopg") is None:
+            if importlib.util.find_spec("psycopg2") is None:
+                raise ValueError(
+                    "--storage postgresql:// needs a PostgreSQL driver: pip install 'mupp[postgres]'"
+                )
+            parsed = parsed.set(drivername="postgresql+psycopg2")
+    try:
+        parsed.get_dialect()
+    except Exception:  # NoSuchModuleError or the driver's ImportError
+        raise ValueError(
+            f"--storage: no database driver for {parsed.drivername!r} is installed or known "
+            f"({forms})"
+        ) from None
+    return parsed.render_as_string(hide_password=False)
+
+
+def make_storage(url: str):
+    """Optuna storage with heartbeats: ``journal:PATH`` for a journal file, else an RDB URL.
+    An unreachable or unreadable database is a ``ValueError`` with one clear line."""
+    url = storage_driver_url(url)
+    if url.startswith("journal:"):
+        return JournalStorage(JournalFileBackend(url[len("journal:") :]))
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            # two processes that open a new SQLite file at once would both create its tables
+            with pop_lock(url):
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=HEARTBEAT_INTERVAL,
+                    grace_period=GRACE_PERIOD,
+                    engine_kwargs={"connect_args": {"timeout": 60}}
+                    if url.startswith("sqlite")
+                    else {},
+                )
+        except SQLAlchemyError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ValueError(
+                f"--storage {_redact(url)}: the database cannot be opened ({first[:200]}); is the "
+                "server reachable and the file a sweep database?"
+            ) from None
+
+
+def _redact(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def pop_lock(url: str):
+    """A cross-process lock that makes popping an enqueued trial atomic where the storage is not.
+
+    SQLite (one machine by construction) gets a :class:`filelock.FileLock` on ``<db>.pop.lock``;
+    every other storage is atomic by itself and gets a no-op context.
+    """
+    if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            return FileLock(f"{database}.pop.lock", timeout=120)
+    return contextlib.nullcontext()
+
+
+def grid_points(
+    grid: Mapping[str, Sequence[Any]], order: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """All combinations, in a stable order: the queue order of a sweep.
+
+    ``order`` names the axes from slowest- to fastest-varying (each value list in its given
+    order), so that a long study finishes its most informative points first.  By default
+    ``lr`` and ``rho`` vary fastest, so that consecutive queued points can train as one
+    vectorized group.
+    """
+    for k, v in grid.items():
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ValueError(f"grid[{k!r}] must be a non-empty list; got {v!r}")
+    if order is None:
+        keys = [k for k in grid if k not in ("lr", "rho")] + [k for k in ("lr", "rho") if k in grid]
+    else:
+        keys = list(order)
+        if sorted(keys) != sorted(grid):
+            raise ValueError(
+                f"order must name every grid axis once; got {keys}, grid axes {sorted(grid)}"
+            )
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def expand_point(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Training options of a grid point: a ``setting`` axis (``"mup-global/last-layer"``, the
+    names of :func:`mupp.lab.analysis.rows_from_records`) sets ``parameterization`` and ``variant``
+    together, so that a grid can compare settings that are not a Cartesian product."""
+    out = dict(params)
+    setting = out.pop("setting", None)
+    if setting is not None:
+        if not isinstance(setting, str) or not setting:
+            raise ValueError(
+                f"grid setting must be 'PARAMETERIZATION' or 'PARAMETERIZATION/VARIANT'; got {setting!r}"
+            )
+        par, _, variant = setting.partition("/")
+        out["parameterization"] = par
+        out["variant"] = variant or "sam"
+    return out
+
+
+def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration a grid point trains, with equivalent points made equal.
+
+    Without perturbation (``rho = 0``) the variant and rule play no part and every μP
+    parameterization trains the same μP SGD run; at the base width every parameterization
+    reduces to standard SAM (paper Sec. 5).  Points that coincide share one run.
+    """
+    cfg = dict(config)
+    if cfg.get("rho") == 0:
+        cfg["variant"], cfg["rule"] = "sam", "LP"
+        if cfg.get("parameterization") != "sp":
+            cfg["parameterization"] = "mupp"
+    base = cfg.get("base_width")
+    if base is not None and cfg.get("width") == base:
+        cfg["parameterization"] = "mupp"
+    return cfg
+
+
+def point_key(params: Mapping[str, Any]) -> str:
+    """A short stable identifier of a grid point (16 hex digits of the SHA-1 of its sorted
+    JSON): the trial's ``point`` attribute and the run directory's name."""
+    return hashlib.sha1(
+        json.dumps(dict(sorted(params.items())), sort_keys=True).encode()
+    ).hexdigest()[:16]
+
+
+def _study(url: str, grid: Mapping[str, Sequence[Any]] | None, create: bool, storage=None):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    storage = storage if storage is not None else make_storage(url)
+    sampler = optuna.samplers.GridSampler(dict(grid), seed=0) if grid else None
+    if create:
+        # two `mupp sweep` started together on a new SQLite file would both create the tables
+        with pop_lock(url):
+            return optuna.create_study(
+                study_name=STUDY_NAME,
+                storage=storage,
+                sampler=sampler,
+                direction="maximize",
+                load_if_exists=True,
+            )
+    return optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
+
+
+def prepare(
+    url: str,
+    grid: Mapping[str, Sequence[Any]],
+    base_config: Mapping[str, Any],
+    reclaim_running: bool = False,
+    order: Sequence[str] | None = None,
+) -> dict[str, int]:
+    """Create or load the study, fail stale trials, enqueue every grid point without a result.
+
+    Stale trials are found by heartbeat (RDB storages).  ``reclaim_running`` fails every RUNNING
+    trial: use it on resume when no other worker is alive, and with journal storage, which
+    has no heartbeat.
+
+    Returns counts: ``done``, ``running``, ``enqueued`` (newly), ``waiting`` (total).
+    """
+    study = _study(url, grid, create=True)
+    stored = study.user_attrs.get("base_config")
+    new_grid = {k: list(v) for k, v in grid.items()}
+    if stored is None:
+        study.set_user_attr("base_config", dict(base_config))
+        study.set_user_attr("grid", new_grid)
+    elif stored != dict(base_config) or study.user_attrs.get("grid") != new_grid:
+        raise ValueError(
+            "this output directory/storage holds a sweep with a different configuration or "
+            "grid: "
+            + config_diff(
+                {**stored, **_prefixed(study.user_attrs.get("grid", {}))},
+                {**dict(base_config), **_prefixed(new_grid)},
+            )
+            + ". Rerun with the stored settings to resume, or use another --out/--storage for "
+            "the new sweep (finished results stay where they are)"
+        )
+    optuna.storages.fail_stale_trials(study)
+    if reclaim_running:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            try:
+                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile
+                pass
+    done, live = set(), set()
+    for t in study.get_trials(deepcopy=False):
+        key = t.user_attrs.get("point") or t.system_attrs.get("point")
+        if key is None and "fixed_params" in t.system_attrs:
+            key = point_key(t.system_attrs["fixed_params"])
+        if t.state == TrialState.COMPLETE:
+            done.add(key)
+        elif t.state in (TrialState.RUNNING, TrialState.WAITING):
+            live.add(key)
+    enqueued = 0
+    for params in grid_points(grid, order):
+        key = point_key(params)
+        if key not in done and key not in live:
+            study.enqueue_trial(params, user_attrs={"point": key})
+            enqueued += 1
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    return {"done": len(done), "running": running, "enqueued": enqueued, "waiting": waiting}
+
+
+def _prefixed(grid: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"grid.{k}": v for k, v in grid.items()}
+
+
+def config_diff(stored: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """``key: stored -> new`` for every key whose value differs."""
+    keys = sorted(set(stored) | set(new))
+    parts = [
+        f"{k}: {stored.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+        for k in keys
+        if stored.get(k, "(unset)") != new.get(k, "(unset)")
+    ]
+    return "; ".join(parts) or "(no difference)"
+
+
+def _pop(study, storage, grid, lock) -> tuple[Any, dict[str, Any]] | None:
+    """Pop one enqueued trial under ``lock`` (:func:`pop_lock`); ``None`` when the queue is empty."""
+    with lock:
+        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return None
+        with warnings.catch_warnings():  # we send the heartbeats ourselves
+            warnings.simplefilter("ignore", UserWarning)
+            trial = study.ask()
+    fixed = storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
+    if fixed is None:
+        # another worker took the last queued point between our check and ask()
+        study.tell(trial, state=TrialState.PRUNED)
+        return None
+    params = dict(fixed)
+    for k in params:
+        trial.suggest_categorical(k, grid[k])  # returns the enqueued value
+    trial.set_user_attr("point", point_key(params))
+    return trial, params
+
+
+@contextlib.contextmanager
+def heartbeats(storage, trial_ids: list[int]) -> Iterator[None]:
+    """Send the trials' heartbeats every ``HEARTBEAT_INTERVAL`` seconds from a thread while
+    the block runs (storages without heartbeats: nothing), so that a killed worker's trials
+    are found stale and re-queued."""
+    if not (hasattr(storage, "record_heartbeat") and getattr(storage, "heartbeat_interval", None)):
+        yield
+        return
+    for trial_id in trial_ids:
+        storage.record_heartbeat(trial_id)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_INTERVAL):
+            try:
+                for trial_id in trial_ids:
+                    storage.record_heartbeat(trial_id)
+            except Exception:  # pragma: no cover - storage hiccup; the next beat retries
+                pass
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _pop_group(study, storage, grid, lock, base, first, limit: int):
+    """Pop trials after ``first`` while they can train with it as one vectorized group (same
+    :func:`mupp.lab.vectorized.group_key`), up to ``limit``.  Returns ``(group, carry)``:
+    ``carry`` is a popped trial of another group (it opens the next one) or ``None``."""
+    popped = [first]
+    key = vectorized.group_key({**base, **expand_point(first[1])})
+    while len(popped) < limit:
+        nxt = _pop(study, storage, grid, lock)
+        if nxt is None:
+            return popped, None
+        if vectorized.group_key({**base, **expand_point(nxt[1])}) != key:
+            return popped, nxt  # queue order keeps lr/rho together: this one opens the next group
+        popped.append(nxt)
+    return popped, None
+
+
+def _train_popped(
+    cfgs: list[dict[str, Any]], out_dir: str, progress: bool, keep_checkpoints: bool, study
+) -> list[dict[str, Any]]:
+    """Results of the popped configurations: one vectorized group when there are several
+    (:func:`_pop_group` only groups compatible ones), else one resumable run."""
+    if len(cfgs) > 1:
+        return vectorized.train_group(cfgs)
+    runs = Path(out_dir) / "runs"
+    return [_train_shared(c, runs, progress, keep_checkpoints, study) for c in cfgs]
+
+
+def worker(
+    url: str,
+    out_dir: str,
+    progress: bool = False,
+    max_trials: int | None = None,
+    vectorize: bool | None = None,
+    group_size: int = 25,
+    keep_checkpoints: bool = False,
+) -> int:
+    """Pop enqueued trials until none is left; returns how many this worker finished.
+
+    A finished run keeps its record (``result.json``) and, only with ``keep_checkpoints``,
+    its weights; an interrupted one keeps its checkpoint and resumes from it.
+
+    With ``vectorize``, up to ``group_size`` popped trials that differ only in ``lr``/``rho``
+    (and that :mod:`mupp.lab.vectorized` supports) train together; the others run one by one,
+    resuming from their checkpoints.  ``None`` (default) vectorizes on CUDA only: on CPU,
+    ``benchmarks/sweep_throughput.py`` measured no gain (docs/performance.md).
+    """
+    storage = make_storage(url)  # the raw storage: heartbeats go to it directly
+    study = _study(url, None, create=False, storage=storage)
+    lock = pop_lock(url)
+    base = dict(study.user_attrs["base_config"])
+    grid = study.user_attrs["grid"]
+    finished = 0
+    carry = None  # a popped trial that starts the next group
+    while max_trials is None or finished < max_trials:
+        first = carry if carry is not None else _pop(study, storage, grid, lock)
+        carry = None
+        if first is None:
+            break
+        popped = [first]
+        cfg0 = {**base, **expand_point(first[1])}
+        auto = str(cfg0.get("device", "cpu")).startswith("cuda")
+        if (auto if vectorize is None else vectorize) and vectorized.supports(cfg0):
+            limit = group_size if max_trials is None else min(group_size, max_trials - finished)
+            popped, carry = _pop_group(study, storage, grid, lock, base, first, limit)
+        cfgs = [{**base, **expand_point(params)} for _, params in popped]
+        try:
+            with heartbeats(storage, [t._trial_id for t, _ in popped]):
+                results = _train_popped(cfgs, out_dir, progress, keep_checkpoints, study)
+        except BaseException:
+            for t, _ in popped + ([carry] if carry is not None else []):
+                study.tell(t, state=TrialState.FAIL)
+            raise
+        for (trial, _), result in zip(popped, results):
+            if _record(study, trial, result, vectorized=len(popped) > 1):
+                finished += 1
+    return finished
+
+
+def _train_shared(
+    config: Mapping[str, Any],
+    runs_dir: Path,
+    progress: bool,
+    keep_checkpoints: bool = False,
+    study=None,
+) -> dict[str, Any]:
+    """Train the canonical form of ``config`` (:func:`canonical_config`) in its run directory,
+    or reuse the record of an equivalent grid point that already finished it: in the study
+    (finished trials carry their records) or in the run directory."""
+    cfg = canonical_config(config)
+    want = _validated(cfg)
+    defaults = _defaults()
+
+    def same_run(result: dict | None) -> bool:
+        # records of an older mupp lack newer options: they ran with those options' defaults
+        return result is not None and {**defaults, **result.get("config", {})} == want
+
+    if study is not None:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if same_run(t.user_attrs.get("result")):
+                return t.user_attrs["result"]
+    run_dir = runs_dir / point_key(cfg)
+    done = run_dir / "result.json"
+    if done.is_file():
+        try:
+            result = json.loads(done.read_text())
+        except ValueError:
+            result = None  # a torn write: train again (resuming from the checkpoint)
+        if same_run(result):
+            return result
+    return train(
+        cfg, run_dir, resume=True, progress=progress, log=None, keep_checkpoint=keep_checkpoints
+    )
+
+
+def _defaults() -> dict[str, Any]:
+    return TrainConfig().to_dict()
+
+
+def _validated(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return TrainConfig.from_dict(cfg).to_dict()
+
+
+def _record(study, trial, result: dict[str, Any], vectorized: bool) -> bool:
+    """Store a finished run on its trial; ``False`` when the trial was finished elsewhere.
+
+    That happens when :func:`prepare` (another ``mupp sweep`` started with ``--reclaim-running``,
+    or a heartbeat that stalled past the grace period) failed this trial as stale and queued its
+    point again: the re-queued trial resumes from the run's checkpoint, so nothing is lost.
+    """
+    try:
+        trial.set_user_attr("result", result)
+        trial.set_user_attr("diverged", result["diverged"])
+        trial.set_user_attr("vectorized", vectorized)
+        study.tell(trial, result["best_test_acc"])
+    except optuna.exceptions.UpdateFinishedTrialError:
+        warnings.warn(
+            f"trial {trial.number} was finished by another process (failed as stale); its point "
+            "was queued again and will resume from its checkpoint",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
+def _worker_entry(
+    url: str, out_dir: str, threads: int, vectorize: bool | None, keep_checkpoints: bool
+) -> None:
+    warnings.filterwarnings("ignore", module="optuna")
+    torch.set_num_threads(threads)
+    worker(url, out_dir, vectorize=vectorize, keep_checkpoints=keep_checkpoints)
+
+
+def run_sweep(
+    grid: Mapping[str, Sequence[Any]],
+    base_config: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    storage: str | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    reclaim_running: bool = False,
+    vectorize: bool | None = None,
+    order: Sequence[str] | None = None,
+    keep_checkpoints: bool = False,
+) -> list[dict[str, Any]]:
+    """Prepare the study (queue ``order``: :func:`grid_points`), run ``workers`` local processes to completion, return the results."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {str(out_dir)!r} is a file; expected a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    url = storage_url(out_dir, storage)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1; got {workers}")
+    counts = prepare(url, grid, base_config, reclaim_running, order)
+    total = counts["done"] + counts["waiting"] + counts["running"]
+    print(
+        f"sweep: {total} grid points, {counts['done']} done, {counts['waiting']} queued "
+        f"({counts['enqueued']} newly), {counts['running']} running elsewhere; storage "
+        f"{_redact(url)}"
+    )
+    if counts["running"]:
+        print(
+            f"  a trial left running by a killed worker is re-queued once its heartbeat is "
+            f"{GRACE_PERIOD + HEARTBEAT_INTERVAL} s stale (rerun then, or --reclaim-running "
+            "when no other worker is alive)"
+        )
+    if workers == 1:
+        _run_with_progress(
+            url, str(out_dir), total, counts["done"], progress, None, vectorize, keep_checkpoints
+        )
+    else:
+        ctx = mp.get_context("spawn")
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        procs = [
+            ctx.Process(
+                target=_worker_entry,
+                args=(url, str(out_dir), threads, vectorize, keep_checkpoints),
+            )
+            for _ in range(workers)
+        ]
+        for p in procs:
+            p.start()
+        _run_with_progress(url, str(out_dir), total, counts["done"], progress, procs, vectorize)
+        for p in procs:
+            p.join()
+        bad = [p.exitcode for p in procs if p.exitcode != 0]
+        if bad:
+            raise RuntimeError(
+                f"{len(bad)} sweep worker(s) failed (exit codes {bad}); rerun to resume"
+            )
+    return load_results(url)
+
+
+def _run_with_progress(
+    url: str,
+    out_dir: str,
+    total: int,
+    done: int,
+    progress: bool,
+    procs,
+    vectorize: bool | None = None,
+    keep_checkpoints: bool = False,
+) -> None:
+    bar = None
+    if progress:
+        bar = tqdm(total=total, initial=done, desc="sweep", unit="run")
+    study = _study(url, None, create=False)
+
+    def count() -> int:
+        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    if procs is None:
+        while True:
+            n = worker(
+                url,
+                out_dir,
+                max_trials=None if bar is None else 25,
+                vectorize=vectorize,
+                keep_checkpoints=keep_checkpoints,
+            )
+            if bar is not None:
+                bar.n = count()
+                bar.refresh()
+            if n == 0:
+                break
+    else:
+        while any(p.is_alive() for p in procs):
+            time.sleep(1.0)
+            if bar is not None:
+                bar.n = count()
+                bar.refresh()
+    if bar is not None:
+        bar.n = count()
+        bar.close()
+
+
+def load_results(url: str) -> list[dict[str, Any]]:
+    """One record per finished grid point: ``params`` and the training ``result``."""
+    study = _study(url, None, create=False)
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if "result" in t.user_attrs:
+            out.append(
+                {
+                    "params": dict(t.params),
+                    "point": t.user_attrs.get("point"),
+                    "result": t.user_attrs["result"],
+                }
+            )
+    return out
