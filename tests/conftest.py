@@ -1,4 +1,5 @@
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,17 @@ def step_data(step: int, rank: int | None = None):
     if rank is None:
         return x, y
     return x[rank * 8 : (rank + 1) * 8], y[rank * 8 : (rank + 1) * 8]
+
+
+def init_gloo(rank: int, world: int, init_file: str) -> None:
+    """A gloo process group for a spawned test worker.  A rank waiting for a collective its peer
+    never joins fails after 120 s instead of hanging the test run."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
+    )

@@ -2,14 +2,13 @@
 
 import copy
 import os
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 import torch.nn.functional as F
-from conftest import prepared_mlp, step_data
+from conftest import init_gloo, prepared_mlp, step_data
 
 import mupp
 from mupp.distributed import sam_passes
@@ -17,21 +16,12 @@ from mupp.distributed import sam_passes
 STEPS = 4
 RHO, LR = 0.1, 0.05
 
-# a rank that waits for a collective its peer never joins fails the test instead of hanging it
-COLLECTIVE_TIMEOUT = timedelta(seconds=120)
-
 
 data = step_data
 
 
 def _worker(rank, world, init_file, out_file, mode, parameterization):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=COLLECTIVE_TIMEOUT,
-    )
+    init_gloo(rank, world, init_file)
     torch.manual_seed(0)
     model = prepared_mlp(32, 8)
     ddp = torch.nn.parallel.DistributedDataParallel(model)

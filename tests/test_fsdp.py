@@ -9,14 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 import torch.nn.functional as F
-from conftest import mlp, prepared_mlp, step_data
+from conftest import init_gloo, mlp, prepared_mlp, step_data
 
 import mupp
 from mupp.distributed import sam_passes
@@ -31,9 +30,6 @@ CASES = [
     ("LP", "asam-layer", "mupp", False),
     ("LP", "sam", "mupp", True),
 ]
-
-# a rank that waits for a collective its peer never joins fails the test instead of hanging it
-COLLECTIVE_TIMEOUT = timedelta(seconds=120)
 
 
 data = step_data
@@ -95,13 +91,7 @@ def _one_case(rank, rule, variant, parameterization, shapes_after):
 
 
 def _worker(rank, world, init_file, out_file):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=COLLECTIVE_TIMEOUT,
-    )
+    init_gloo(rank, world, init_file)
     results = [_one_case(rank, *case) for case in CASES]
     if rank == 0:
         torch.save(results, out_file)
