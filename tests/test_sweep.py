@@ -249,3 +249,25 @@ def test_a_result_for_a_trial_failed_elsewhere_warns_and_is_not_counted(tmp_path
     with pytest.warns(RuntimeWarning, match="finished by another process"):
         assert sweep._record(study, trial, result, vectorized=False) is False
     assert storage.get_trial(trial._trial_id).state == TrialState.FAIL
+
+
+def test_a_point_queued_again_keeps_its_place_in_grid_order(tmp_path):
+    # a killed worker's point is queued again on resume: it must run before the points that
+    # come after it in the grid, not after the whole remaining queue
+    from optuna.trial import TrialState
+
+    url = sweep.storage_url(tmp_path)
+    grid = {"lr": [0.05, 0.1, 0.2]}
+    sweep.prepare(url, grid, BASE)
+    storage = sweep.make_storage(url)
+    study = sweep._study(url, None, create=False, storage=storage)
+    lock = sweep.pop_lock(url)
+    trial, params = sweep._pop(study, storage, grid, lock)
+    assert params == {"lr": 0.05}
+    storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)  # the worker died
+    counts = sweep.prepare(url, grid, BASE)
+    assert (counts["enqueued"], counts["waiting"], counts["done"]) == (1, 3, 0)
+    order = []
+    while (popped := sweep._pop(study, storage, grid, lock)) is not None:
+        order.append(popped[1]["lr"])
+    assert order == [0.05, 0.1, 0.2]

@@ -228,7 +228,8 @@ def prepare(
     reclaim_running: bool = False,
     order: Sequence[str] | None = None,
 ) -> dict[str, int]:
-    """Create or load the study, fail stale trials, enqueue every grid point without a result.
+    """Create or load the study, fail stale trials, enqueue every grid point without a result,
+    in grid order (``order``: :func:`grid_points`), also when a failed point is queued again.
 
     Stale trials are found by heartbeat (RDB storages).  ``reclaim_running`` fails every RUNNING
     trial: use it on resume when no other worker is alive, and with journal storage, which
@@ -260,24 +261,43 @@ def prepare(
                 study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile
                 pass
-    done, live = set(), set()
+    done, running_keys, waiting_keys = set(), set(), set()
     for t in study.get_trials(deepcopy=False):
-        key = t.user_attrs.get("point") or t.system_attrs.get("point")
-        if key is None and "fixed_params" in t.system_attrs:
-            key = point_key(t.system_attrs["fixed_params"])
+        key = _trial_point(t)
         if t.state == TrialState.COMPLETE:
             done.add(key)
-        elif t.state in (TrialState.RUNNING, TrialState.WAITING):
-            live.add(key)
-    enqueued = 0
-    for params in grid_points(grid, order):
-        key = point_key(params)
-        if key not in done and key not in live:
-            study.enqueue_trial(params, user_attrs={"point": key})
-            enqueued += 1
+        elif t.state == TrialState.RUNNING:
+            running_keys.add(key)
+        elif t.state == TrialState.WAITING:
+            waiting_keys.add(key)
+    points = grid_points(grid, order)
+    missing = [p for p in points if point_key(p) not in done | running_keys | waiting_keys]
+    if missing and waiting_keys:
+        # enqueued now, a point that failed (a killed worker's) would run after everything
+        # queued before it: rebuild the queue so that it stays in grid order (the superseded
+        # entries are marked PRUNED, as _pop marks an entry another worker emptied)
+        with pop_lock(url):
+            for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                study._storage.set_trial_state_values(t._trial_id, state=TrialState.PRUNED)
+            queue = [p for p in points if point_key(p) not in done | running_keys]
+            for params in queue:
+                study.enqueue_trial(params, user_attrs={"point": point_key(params)})
+    else:
+        for params in missing:
+            study.enqueue_trial(params, user_attrs={"point": point_key(params)})
+    enqueued = len(missing)
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     return {"done": len(done), "running": running, "enqueued": enqueued, "waiting": waiting}
+
+
+def _trial_point(trial) -> str | None:
+    """The grid point a trial holds (its ``point`` attribute, or the key of its enqueued
+    parameters)."""
+    key = trial.user_attrs.get("point") or trial.system_attrs.get("point")
+    if key is None and "fixed_params" in trial.system_attrs:
+        key = point_key(trial.system_attrs["fixed_params"])
+    return key
 
 
 def _prefixed(grid: Mapping[str, Any]) -> dict[str, Any]:
