@@ -271,3 +271,18 @@ def test_a_point_queued_again_keeps_its_place_in_grid_order(tmp_path):
     while (popped := sweep._pop(study, storage, grid, lock)) is not None:
         order.append(popped[1]["lr"])
     assert order == [0.05, 0.1, 0.2]
+
+
+def test_a_new_queue_order_takes_effect_on_resume(tmp_path):
+    grid = {"lr": [0.05, 0.1], "seed": [0, 1]}
+    url = sweep.storage_url(tmp_path)
+    sweep.prepare(url, grid, BASE, order=["lr", "seed"])
+    counts = sweep.prepare(url, grid, BASE, order=["seed", "lr"])
+    assert (counts["enqueued"], counts["waiting"]) == (0, 4)
+    storage = sweep.make_storage(url)
+    study = sweep._study(url, None, create=False, storage=storage)
+    lock = sweep.pop_lock(url)
+    order = []
+    while (popped := sweep._pop(study, storage, grid, lock)) is not None:
+        order.append((popped[1]["seed"], popped[1]["lr"]))
+    assert order == [(0, 0.05), (0, 0.1), (1, 0.05), (1, 0.1)]

@@ -229,7 +229,8 @@ def prepare(
     order: Sequence[str] | None = None,
 ) -> dict[str, int]:
     """Create or load the study, fail stale trials, enqueue every grid point without a result,
-    in grid order (``order``: :func:`grid_points`), also when a failed point is queued again.
+    in grid order (``order``: :func:`grid_points`): a failed point queued again keeps its
+    place, and a changed ``order`` re-orders the queue.
 
     Stale trials are found by heartbeat (RDB storages).  ``reclaim_running`` fails every RUNNING
     trial: use it on resume when no other worker is alive, and with journal storage, which
@@ -261,30 +262,36 @@ def prepare(
                 study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile
                 pass
-    done, running_keys, waiting_keys = set(), set(), set()
-    for t in study.get_trials(deepcopy=False):
-        key = _trial_point(t)
-        if t.state == TrialState.COMPLETE:
-            done.add(key)
-        elif t.state == TrialState.RUNNING:
-            running_keys.add(key)
-        elif t.state == TrialState.WAITING:
-            waiting_keys.add(key)
-    points = grid_points(grid, order)
-    missing = [p for p in points if point_key(p) not in done | running_keys | waiting_keys]
-    if missing and waiting_keys:
-        # enqueued now, a point that failed (a killed worker's) would run after everything
-        # queued before it: rebuild the queue so that it stays in grid order (the superseded
-        # entries are marked PRUNED, as _pop marks an entry another worker emptied)
-        with pop_lock(url):
-            for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+    with pop_lock(url):  # no worker pops while the queue is read and rebuilt
+        done, running_keys, waiting = set(), set(), []
+        for t in study.get_trials(deepcopy=False):
+            if t.state == TrialState.COMPLETE:
+                done.add(_trial_point(t))
+            elif t.state == TrialState.RUNNING:
+                running_keys.add(_trial_point(t))
+            elif t.state == TrialState.WAITING:
+                waiting.append(t)
+        waiting.sort(key=lambda t: t.number)
+        points = grid_points(grid, order)
+        queue = [p for p in points if point_key(p) not in done | running_keys]
+        missing = {point_key(p) for p in queue} - {_trial_point(t) for t in waiting}
+        # the queue runs in grid order: a point that failed (a killed worker's) goes back to
+        # its place instead of after everything queued, and a changed ``order`` takes effect;
+        # superseded entries are marked PRUNED, as _pop marks an entry another worker emptied.
+        # Without a file lock (server storages) only while no other worker runs: one could pop
+        # between this scan and the rebuild.
+        locked = url.startswith("sqlite")
+        if [_trial_point(t) for t in waiting] != [point_key(p) for p in queue] and (
+            locked or not running_keys
+        ):
+            for t in waiting:
                 study._storage.set_trial_state_values(t._trial_id, state=TrialState.PRUNED)
-            queue = [p for p in points if point_key(p) not in done | running_keys]
             for params in queue:
                 study.enqueue_trial(params, user_attrs={"point": point_key(params)})
-    else:
-        for params in missing:
-            study.enqueue_trial(params, user_attrs={"point": point_key(params)})
+        else:
+            for params in queue:
+                if point_key(params) in missing:
+                    study.enqueue_trial(params, user_attrs={"point": point_key(params)})
     enqueued = len(missing)
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
