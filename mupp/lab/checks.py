@@ -60,7 +60,7 @@ def _train(
     model = _build(model_name, width, base_width, dataset.num_classes, sp=parameterization == "sp")
     opt = sgd_sam(model, parameterization, variant, rule, lr, rho)
     gen = torch.Generator().manual_seed(seed)
-    batches = _infinite_batches(dataset, batch_size, gen, model_name == "mlp")
+    batches = infinite_batches(dataset, batch_size, gen, model_name == "mlp")
     train_steps(model, opt, batches, steps)
     return model, opt, batches
 
@@ -143,9 +143,11 @@ def last_layer_equivalence(
     return {"widths": list(widths), "gap": gaps, "slope": slope(widths, gaps)}
 
 
-def _infinite_batches(
+def infinite_batches(
     ds: data_mod.Dataset, batch_size: int, gen: torch.Generator, flatten: bool
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled training batches of ``ds`` without end (full batches only; ``flatten``: images
+    as vectors), in the order ``gen`` draws: the stream of a coordinate check."""
     while True:
         yield from data_mod.batches(
             ds.train,
@@ -196,7 +198,7 @@ def coordcheck(
         lambda w: _build(model, w, base, ds.num_classes, sp=parameterization == "sp"),
         widths,
         lambda m: sgd_sam(m, parameterization, variant, rule, lr, rho),
-        lambda seed: _infinite_batches(
+        lambda seed: infinite_batches(
             ds, batch_size, torch.Generator().manual_seed(seed), model == "mlp"
         ),
         steps=steps,

@@ -23,7 +23,7 @@ from ..distributed import world
 from ..models import build, count_params
 from . import data
 from .analysis import format_transfer, rows_from_records, transfer_summary
-from .checks import coordcheck, last_layer_equivalence, sgd_sam
+from .checks import coordcheck, infinite_batches, last_layer_equivalence, sgd_sam
 from .config import TrainConfig, load_config_file, load_preset
 from .plots import plot_coordcheck, plot_sweep
 from .statistics import format_statistics, run_statistics
@@ -134,17 +134,9 @@ def _user_coordcheck(args: argparse.Namespace) -> dict:
     ds = data.load(args.dataset, args.data_dir)
 
     def batches(seed):
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            yield from data.batches(
-                ds.train,
-                args.batch_size,
-                shuffle=True,
-                generator=gen,
-                name=ds.name,
-                flatten=args.flatten,
-                drop_last=True,
-            )
+        return infinite_batches(
+            ds, args.batch_size, torch.Generator().manual_seed(seed), args.flatten
+        )
 
     def make_optimizer(model):
         return sgd_sam(model, args.parameterization, args.variant, args.rule, args.lr, args.rho)

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from ..diagnostics.coordcheck import measure_perturbation, measure_updates
 from ..diagnostics.layers import capture, weight_layers
 from ..diagnostics.probes import feature_rank, grad_norm, hessian_top_eigenvalue, hessian_trace
-from ..optim import SAM
 from . import data as data_mod
 from .checkpoint import load_checkpoint
+from .checks import sgd_sam
 from .config import TrainConfig, make_model
 
 LAYER_METRICS = ("pert_norm", "pert_rel_spec", "update_spec", "update_rms", "feature_rank")
@@ -112,15 +112,7 @@ def _perturbation_stats(
     if cfg.rho == 0:
         zeros = {name: 0.0 for name, _ in layers}
         return {"pert_norm": zeros, "pert_rel_spec": dict(zeros)}
-    opt = SAM(
-        model.parameters(),
-        torch.optim.SGD,
-        lr=cfg.lr,
-        rho=cfg.rho,
-        parameterization=cfg.parameterization,
-        rule=cfg.rule,
-        variant=cfg.variant,
-    )
+    opt = sgd_sam(model, cfg.parameterization, cfg.variant, cfg.rule, cfg.lr, cfg.rho)
     F.cross_entropy(model(x), y).backward()
     opt.first_step(zero_grad=True)
     pert = measure_perturbation(model, opt, x)

@@ -54,6 +54,17 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
     return base(groups, lr=cfg.lr, **kw)
 
 
+def steps_per_epoch(cfg: TrainConfig, train_size: int) -> int:
+    """Optimizer steps per epoch (the last partial batch is dropped); a batch larger than the
+    training set raises ``ValueError``."""
+    steps = train_size // cfg.batch_size
+    if steps < 1:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} exceeds the training set ({train_size} images)"
+        )
+    return steps
+
+
 def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """The learning-rate factor per step (``LambdaLR``): linear warmup, then constant or
     cosine decay to zero at the last step."""
@@ -194,11 +205,7 @@ def _prepare(cfg: TrainConfig, num_classes: int, train_size: int) -> _Run:
             "perturbation_sync='local' is not available with parallel='fsdp' (FSDP2 reduce-"
             "scatters every gradient); use 'sync', or parallel='ddp' for m-sharpness"
         )
-    steps_per_epoch = train_size // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"batch_size {cfg.batch_size} exceeds the training set ({train_size} images)"
-        )
+    steps = steps_per_epoch(cfg, train_size)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg, num_classes).to(cfg.device)
     if sharded:
@@ -209,9 +216,9 @@ def _prepare(cfg: TrainConfig, num_classes: int, train_size: int) -> _Run:
         net = torch.nn.parallel.DistributedDataParallel(model)
     # SAM steps its base optimizer (they share param groups): the scheduler follows that one
     sched_opt = opt.base_optimizer if isinstance(opt, SAM) else opt
-    sched = torch.optim.lr_scheduler.LambdaLR(sched_opt, lr_lambda(cfg, steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(sched_opt, lr_lambda(cfg, steps))
     step = _step_function(cfg, model, net, opt, sharded)
-    return _Run(cfg, model, net, opt, sched, step, steps_per_epoch, rank, world_size, sharded)
+    return _Run(cfg, model, net, opt, sched, step, steps, rank, world_size, sharded)
 
 
 def _step_function(

@@ -34,7 +34,7 @@ from ..optim import SAM
 from ..optim.perturbation import scales
 from . import data as data_mod
 from .config import TrainConfig, make_model
-from .train import epoch_batches, epoch_record, lr_lambda, splits, summarize
+from .train import epoch_batches, epoch_record, lr_lambda, splits, steps_per_epoch, summarize
 
 VARYING = ("lr", "rho")
 DIRECTION_VARIANTS = ("sam", "last-layer", "first-layer", "sam-on")
@@ -245,15 +245,11 @@ def train_group(
     cfg = cfgs[0]
     ds = dataset if dataset is not None else data_mod.load(cfg.dataset, cfg.data_dir, seed=cfg.seed)
     train_split, test_split = splits(cfg, ds)
-    steps_per_epoch = len(train_split) // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"batch_size {cfg.batch_size} exceeds the training set ({len(train_split)} images)"
-        )
+    steps = steps_per_epoch(cfg, len(train_split))
     dev = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     group = _Group(cfgs, make_model(cfg, ds.num_classes).to(dev), dev)
-    K, lam = group.K, lr_lambda(cfg, steps_per_epoch)
+    K, lam = group.K, lr_lambda(cfg, steps)
     histories: list[list[dict[str, Any]]] = [[] for _ in range(K)]
     alive = [True] * K
     exact_mask = ds.test_exact[: len(test_split)] if ds.test_exact is not None else None
