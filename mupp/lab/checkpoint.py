@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .. import distributed
-from .config import TrainConfig
+from .config import TrainConfig, differing_keys, with_defaults
 
 CHECKPOINT_MAGIC = b"mupp-checkpoint sha256="
 
@@ -94,11 +94,9 @@ class RunCheckpoint:
         return (self.path / "mupp.json").is_file() if self.sharded else self.path.is_file()
 
     def _check_config(self, stored: Mapping[str, Any]) -> None:
-        # a checkpoint of an older mupp lacks newer options: it ran with their defaults
-        stored = {**TrainConfig().to_dict(), **stored}
-        want = self.cfg.to_dict()
+        stored, want = with_defaults(stored), self.cfg.to_dict()
         if stored != want:
-            differ = sorted(k for k in set(stored) | set(want) if stored.get(k) != want.get(k))
+            differ = differing_keys(stored, want)
             raise ValueError(
                 f"{self.path} belongs to a different configuration (differs in {differ}); use "
                 "another output directory, or --restart to discard it"

@@ -173,6 +173,19 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def with_defaults(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored configuration (a run record's or a checkpoint's) with every option it lacks set
+    to its default: a record of an older mupp ran with the defaults of options added since."""
+    return {**TrainConfig().to_dict(), **stored}
+
+
+def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The keys, sorted, whose values differ between ``a`` and ``b`` (a key missing from one
+    side differs)."""
+    unset = object()
+    return sorted(k for k in set(a) | set(b) if a.get(k, unset) != b.get(k, unset))
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 

@@ -44,7 +44,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from tqdm import tqdm
 
 from . import vectorized
-from .config import TrainConfig
+from .config import TrainConfig, differing_keys, with_defaults
 from .train import train
 
 HEARTBEAT_INTERVAL = 2
@@ -313,11 +313,9 @@ def _prefixed(grid: Mapping[str, Any]) -> dict[str, Any]:
 
 def config_diff(stored: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     """``key: stored -> new`` for every key whose value differs."""
-    keys = sorted(set(stored) | set(new))
     parts = [
         f"{k}: {stored.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
-        for k in keys
-        if stored.get(k, "(unset)") != new.get(k, "(unset)")
+        for k in differing_keys(stored, new)
     ]
     return "; ".join(parts) or "(no difference)"
 
@@ -460,12 +458,10 @@ def _train_shared(
     or reuse the record of an equivalent grid point that already finished it: in the study
     (finished trials carry their records) or in the run directory."""
     cfg = canonical_config(config)
-    want = _validated(cfg)
-    defaults = _defaults()
+    want = TrainConfig.from_dict(cfg).to_dict()
 
     def same_run(result: dict | None) -> bool:
-        # records of an older mupp lack newer options: they ran with those options' defaults
-        return result is not None and {**defaults, **result.get("config", {})} == want
+        return result is not None and with_defaults(result.get("config", {})) == want
 
     if study is not None:
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -483,14 +479,6 @@ def _train_shared(
     return train(
         cfg, run_dir, resume=True, progress=progress, log=None, keep_checkpoint=keep_checkpoints
     )
-
-
-def _defaults() -> dict[str, Any]:
-    return TrainConfig().to_dict()
-
-
-def _validated(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    return TrainConfig.from_dict(cfg).to_dict()
 
 
 def _record(study, trial, result: dict[str, Any], vectorized: bool) -> bool:
