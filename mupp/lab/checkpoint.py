@@ -22,6 +22,10 @@ import torch
 from .. import distributed
 from .config import TrainConfig, differing_keys, with_defaults
 
+CHECKPOINT_FILE = "checkpoint.pt"  # a run's checkpoint (save_checkpoint writes it via .tmp)
+SHARDED_DIR = "checkpoint"  # a sharded run's checkpoint directory (via .tmp, the last as .old)
+RECORD_FILE = "result.json"  # a run's result record
+
 CHECKPOINT_MAGIC = b"mupp-checkpoint sha256="
 
 
@@ -87,7 +91,7 @@ class RunCheckpoint:
 
     def __init__(self, out: Path, cfg: TrainConfig, sharded: bool, writer: bool) -> None:
         self.out, self.cfg, self.sharded, self.writer = out, cfg, sharded, writer
-        self.path = out / ("checkpoint" if sharded else "checkpoint.pt")
+        self.path = out / (SHARDED_DIR if sharded else CHECKPOINT_FILE)
 
     def exists(self) -> bool:
         """Whether a complete checkpoint is there to resume from."""
@@ -122,7 +126,7 @@ class RunCheckpoint:
             )
             save_checkpoint(state, self.path)
             return
-        tmp = self.out / "checkpoint.tmp"
+        tmp = self.out / f"{SHARDED_DIR}.tmp"
         if self.writer and tmp.exists():
             shutil.rmtree(tmp)
         torch.distributed.barrier()
@@ -130,7 +134,7 @@ class RunCheckpoint:
         torch.distributed.barrier()
         if self.writer:
             (tmp / "mupp.json").write_text(json.dumps(meta))
-            old = self.out / "checkpoint.old"
+            old = self.out / f"{SHARDED_DIR}.old"
             if self.path.exists():
                 os.replace(self.path, old)
             os.replace(tmp, self.path)
@@ -162,3 +166,13 @@ class RunCheckpoint:
             shutil.rmtree(self.path, ignore_errors=True)
         else:
             self.path.unlink(missing_ok=True)
+
+
+def discard_run(out: str | os.PathLike) -> None:
+    """Remove a run folder's checkpoint (file or sharded directory, with their temporaries)
+    and its record, so that the run starts over (``mupp train --restart``)."""
+    folder = Path(out)
+    for name in (CHECKPOINT_FILE, f"{CHECKPOINT_FILE}.tmp", RECORD_FILE):
+        (folder / name).unlink(missing_ok=True)
+    for name in (SHARDED_DIR, f"{SHARDED_DIR}.tmp", f"{SHARDED_DIR}.old"):
+        shutil.rmtree(folder / name, ignore_errors=True)

@@ -7,7 +7,6 @@ import argparse
 import importlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from ..distributed import world
 from ..models import build, count_params
 from . import data
 from .analysis import format_transfer, rows_from_records, transfer_summary
+from .checkpoint import discard_run
 from .checks import coordcheck, infinite_batches, last_layer_equivalence, sgd_sam
 from .config import TrainConfig, load_config_file, load_preset
 from .plots import plot_coordcheck, plot_sweep
@@ -315,13 +315,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _discard_checkpoint(out: str) -> None:
     """``--restart``: remove the run's checkpoint (file or sharded directory) and record."""
-    if world()[0] != 0:
-        return
-    folder = Path(out)
-    for name in ("checkpoint.pt", "checkpoint.pt.tmp", "result.json"):
-        (folder / name).unlink(missing_ok=True)
-    for name in ("checkpoint", "checkpoint.tmp"):
-        shutil.rmtree(folder / name, ignore_errors=True)
+    if world()[0] == 0:
+        discard_run(out)
 
 
 def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict, list | None]:

@@ -35,7 +35,7 @@ from ..choices import (
     Variant,
     check_choice,
 )
-from ..models import WIDTH_UNITS, build
+from ..models import build
 from .data import DATASETS
 
 Optimizer = Literal["sgd", "adamw"]
@@ -144,19 +144,9 @@ class TrainConfig:
             v = getattr(self, name)
             if v is None and name == "base_width":
                 continue
+            # a whole number in the model's own unit: mupp.models.build checks it (validate)
             if not (_is_number(v) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number; got {v!r}")
-            if not float(v).is_integer():
-                raise ValueError(
-                    f"{name} of the {self.model} is a number of {WIDTH_UNITS[self.model]}, a whole "
-                    f"number; got {v!r}"
-                    + (
-                        f" (a ResNet's width is its first stage's channel count: width_mult "
-                        f"{v:g} is width {v * 64:g})"
-                        if self.model.startswith("resnet")
-                        else ""
-                    )
-                )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:

@@ -33,7 +33,7 @@ from ..diagnostics.coordcheck import measure_perturbation, measure_updates
 from ..diagnostics.layers import capture, weight_layers
 from ..diagnostics.probes import feature_rank, grad_norm, hessian_top_eigenvalue, hessian_trace
 from . import data as data_mod
-from .checkpoint import load_checkpoint
+from .checkpoint import CHECKPOINT_FILE, load_checkpoint
 from .checks import sgd_sam
 from .config import TrainConfig, make_model
 
@@ -51,7 +51,7 @@ def run_statistics(
 ) -> dict[str, Any]:
     """Fig. H.1's statistics for one finished run; ``{"config", "layers": {metric: {layer:
     value}}, "model": {metric: value}}``."""
-    ckpt_path = Path(run_dir) / "checkpoint.pt"
+    ckpt_path = Path(run_dir) / CHECKPOINT_FILE
     if not ckpt_path.is_file():
         raise FileNotFoundError(
             f"run_dir {str(run_dir)!r} has no checkpoint.pt: pass a directory written by "

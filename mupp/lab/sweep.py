@@ -44,6 +44,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from tqdm import tqdm
 
 from . import vectorized
+from .checkpoint import RECORD_FILE
 from .config import TrainConfig, differing_keys, with_defaults
 from .train import train
 
@@ -468,7 +469,7 @@ def _train_shared(
             if same_run(t.user_attrs.get("result")):
                 return t.user_attrs["result"]
     run_dir = runs_dir / point_key(cfg)
-    done = run_dir / "result.json"
+    done = run_dir / RECORD_FILE
     if done.is_file():
         try:
             result = json.loads(done.read_text())

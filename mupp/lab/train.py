@@ -24,7 +24,7 @@ from .. import distributed
 from ..optim import SAM, mup_param_groups
 from ..optim.lastlayer import LastLayerStep
 from . import data as data_mod
-from .checkpoint import RunCheckpoint
+from .checkpoint import RECORD_FILE, RunCheckpoint
 from .config import TrainConfig, make_model
 
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -304,9 +304,9 @@ def _epoch_line(record: Mapping[str, Any], epochs: int) -> str:
 
 
 def _write_result(out: Path, result: Mapping[str, Any]) -> None:
-    tmp = out / "result.json.tmp"
+    tmp = out / f"{RECORD_FILE}.tmp"
     tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "result.json")
+    os.replace(tmp, out / RECORD_FILE)
 
 
 def train(

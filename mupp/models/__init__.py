@@ -35,8 +35,15 @@ def build(name: ModelName, width: int, base_width: int | None = None, **kw: Any)
     check_choice("name", name, MODEL_NAMES)
     for arg, value in (("width", width), ("base_width", base_width)):
         if value is not None and not float(value).is_integer():
+            hint = ""
+            if name.startswith("resnet"):
+                hint = (
+                    f" (a ResNet's width is its first stage's channel count: width_mult "
+                    f"{value:g} is width {value * RESNET_STEM:g})"
+                )
             raise ValueError(
-                f"{arg} of {name} is a number of {WIDTH_UNITS[name]}, a whole number; got {value!r}"
+                f"{arg} of the {name} is a number of {WIDTH_UNITS[name]}, a whole number; "
+                f"got {value!r}{hint}"
             )
     if name == "mlp":
         return MLP(int(width), base_width=int(base_width) if base_width else None, **kw)
