@@ -263,7 +263,9 @@ def prepare(
                 study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile
                 pass
-    with pop_lock(url):  # no worker pops while the queue is read and rebuilt
+    lock = pop_lock(url)
+    locked = not isinstance(lock, contextlib.nullcontext)  # a file lock serializes the pops
+    with lock:  # no worker pops while the queue is read and rebuilt
         done, running_keys, waiting = set(), set(), []
         for t in study.get_trials(deepcopy=False):
             if t.state == TrialState.COMPLETE:
@@ -272,27 +274,22 @@ def prepare(
                 running_keys.add(_trial_point(t))
             elif t.state == TrialState.WAITING:
                 waiting.append(t)
-        waiting.sort(key=lambda t: t.number)
-        points = grid_points(grid, order)
-        queue = [p for p in points if point_key(p) not in done | running_keys]
-        missing = {point_key(p) for p in queue} - {_trial_point(t) for t in waiting}
+        taken = done | running_keys
+        queue = [(k, p) for p in grid_points(grid, order) if (k := point_key(p)) not in taken]
+        queued = [_trial_point(t) for t in sorted(waiting, key=lambda t: t.number)]
+        missing = {k for k, _ in queue} - set(queued)
         # the queue runs in grid order: a point that failed (a killed worker's) goes back to
         # its place instead of after everything queued, and a changed ``order`` takes effect;
         # superseded entries are marked PRUNED, as _pop marks an entry another worker emptied.
         # Without a file lock (server storages) only while no other worker runs: one could pop
         # between this scan and the rebuild.
-        locked = url.startswith("sqlite")
-        if [_trial_point(t) for t in waiting] != [point_key(p) for p in queue] and (
-            locked or not running_keys
-        ):
+        if queued != [k for k, _ in queue] and (locked or not running_keys):
             for t in waiting:
                 study._storage.set_trial_state_values(t._trial_id, state=TrialState.PRUNED)
-            for params in queue:
-                study.enqueue_trial(params, user_attrs={"point": point_key(params)})
         else:
-            for params in queue:
-                if point_key(params) in missing:
-                    study.enqueue_trial(params, user_attrs={"point": point_key(params)})
+            queue = [(k, p) for k, p in queue if k in missing]
+        for key, params in queue:
+            study.enqueue_trial(params, user_attrs={"point": key})
     enqueued = len(missing)
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
