@@ -125,6 +125,9 @@ def test_settings_axis_expands_and_equivalent_points_share_a_run():
         for s in ("sp", "mup-global", "mupp")
     ]
     assert at_base[0] == at_base[1] == at_base[2]
+    dp = {**base, "width": 64, "rule": "DP", **expand_point({"setting": "mupp", "rho": 0.1})}
+    assert canonical_config(dp) == at_base[2]  # Remark F.4's factors are all 1 at base width
+    assert canonical_config({**dp, "width": 256})["rule"] == "DP"
     ll = canonical_config({**base, "width": 64, **expand_point({"setting": "mupp/last-layer"})})
     assert ll["variant"] == "last-layer"
 

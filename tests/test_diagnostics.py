@@ -7,6 +7,7 @@ import torch
 
 from mupp.diagnostics import (
     feature_rank,
+    format_tables,
     grad_norm,
     hessian_top_eigenvalue,
     hessian_trace,
@@ -52,6 +53,46 @@ def test_updates_are_width_independent_under_mup_for_every_perturbation_scaling(
             p,
             r["slopes"]["update_rms"],
         )
+
+
+@pytest.fixture(scope="module")
+def at_init():
+    return {
+        p: coordcheck(
+            "mlp", WIDTHS, parameterization=p, steps=0, seeds=1, dataset="synthetic", progress=False
+        )["denominator"]
+        for p in ("mupp", "mup-naive")
+    }
+
+
+def test_mupp_denominator_is_dominated_by_the_input_layer(at_init):
+    # Def. 4 with Thm 11's d_l: the input term is Θ(1), the hidden term vanishes like n^-1/2
+    # and the readout term like n^-1, so the joint norm is width-independent
+    s, v = at_init["mupp"]["slopes"], at_init["mupp"]["values"]
+    assert abs(s["input"]) < 0.1 and abs(s["total"]) < 0.1, s
+    assert s["hidden"] == pytest.approx(-0.5, abs=0.1), s
+    assert s["output"] == pytest.approx(-1.0, abs=0.15), s
+    assert all(i**2 > 0.9 * t**2 for i, t in zip(v["input"], v["total"])), v
+
+
+def test_naive_denominator_follows_the_raw_gradient_norms(at_init):
+    # d = d_l = 0: the terms are ||g_l||, the μP readout gradient grows like n^1/2 and the
+    # input layer's shrinks like n^-1/2 (Prop. 1's readout blow-up comes from the former)
+    s = at_init["mup-naive"]["slopes"]
+    assert s["output"] == pytest.approx(0.5, abs=0.15), s
+    assert s["input"] == pytest.approx(-0.5, abs=0.1), s
+    assert abs(s["hidden"]) < 0.1, s
+
+
+def test_denominator_table_is_printed_and_absent_for_per_layer_rules(at_init):
+    r = coordcheck(
+        "mlp", [64, 128], rule="LN", steps=0, seeds=1, dataset="synthetic", progress=False
+    )
+    assert r["denominator"] == {"values": {}, "slopes": {}}
+    assert "denominator" not in format_tables(r)
+    lp = coordcheck("mlp", [64, 128], steps=0, seeds=1, dataset="synthetic", progress=False)
+    table = format_tables(lp).split("denominator")[1].splitlines()
+    assert [line.split()[0] for line in table[2:] if line] == ["hidden", "input", "output", "total"]
 
 
 def test_result_schema(checks):
@@ -114,9 +155,10 @@ def test_coordcheck_cli_writes_json_and_plot(tmp_path, capsys):
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "pert_rms" in out and "slope" in out
+    assert "pert_rms" in out and "slope" in out and "denominator" in out
     data = json.loads(js.read_text())
     assert data["widths"] == [32, 64] and "slopes" in data
+    assert set(data["denominator"]["values"]) == {"hidden", "input", "output", "total"}
     assert png.stat().st_size > 10_000
 
 

@@ -76,6 +76,32 @@ def test_dp_algorithm_1():
         torch.testing.assert_close(e, 0.05 * r * gi / nd, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("rule", ["LP", "DP"])
+def test_denominator_terms_are_the_joint_norm_of_the_step(rule):
+    # Def. 4 / Remark F.4: ||ε_l|| = ρ num_l ||g_l|| / sqrt(Σ_k (den_k ||g_k||)²), and the
+    # terms are den_l ||g_l|| for SAM; reading them leaves the gradients untouched
+    m = prepared_mlp(32, 8).double()
+    opt = SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.05, rule=rule)
+    loss_fn(m).backward()
+    g = [p.grad.clone() for p in m.parameters()]
+    terms = opt.denominator_terms()
+    assert [p for p, _ in terms] == list(m.parameters())
+    assert all(torch.equal(p.grad, gi) for p, gi in zip(m.parameters(), g))
+    den = {id(p): grp["pert_den"] for grp in opt.param_groups for p in grp["params"]}
+    num = {id(p): grp["pert_num"] for grp in opt.param_groups for p in grp["params"]}
+    for (p, t), gi in zip(terms, g):
+        assert t == pytest.approx(den[id(p)] * fro(gi).item(), rel=1e-12)
+    total = math.sqrt(sum(t**2 for _, t in terms))
+    w = [p.detach().clone() for p in m.parameters()]
+    opt.first_step()
+    for p, w0, gi in zip(m.parameters(), w, g):
+        expected = 0.05 * num[id(p)] * fro(gi).item() / total
+        assert fro(p.detach() - w0).item() == pytest.approx(expected, rel=1e-6)  # fp32 scales
+    opt.second_step()
+    with pytest.raises(ValueError, match="jointly normalized rule.*rule='LN'"):
+        SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.05, rule="LN").denominator_terms()
+
+
 def test_ln_layerwise_normalization():
     m = prepared_mlp(32, 8)
     g, _, eps = grads_and_eps(m, rho=0.05, rule="LN")
@@ -201,6 +227,7 @@ def reference_sam_step(model, base, rho, closure):
     [
         ("mupp", 8, torch.optim.SGD, dict(momentum=0.9, weight_decay=5e-4)),
         ("mupp", 8, torch.optim.AdamW, dict(weight_decay=0.1)),
+        ("mupp", 8, torch.optim.SGD, dict(momentum=0.9, rule="DP")),
         ("sp", 32, torch.optim.SGD, dict(momentum=0.9)),
     ],
 )
@@ -208,7 +235,17 @@ def test_equals_plain_sam_at_base_width_and_sp(parameterization, width, base_cls
     torch.manual_seed(3)
     a = prepared_mlp(width, 8)
     b = copy.deepcopy(a)
-    opt = SAM(a.parameters(), base_cls, lr=0.05, rho=0.1, parameterization=parameterization, **kw)
+    kw = dict(kw)
+    rule = kw.pop("rule", "LP")
+    opt = SAM(
+        a.parameters(),
+        base_cls,
+        lr=0.05,
+        rho=0.1,
+        parameterization=parameterization,
+        rule=rule,
+        **kw,
+    )
     ref = base_cls(b.parameters(), lr=0.05, **kw)
     for _ in range(5):
 

@@ -11,6 +11,13 @@ Train a model at several widths for a few SAM steps, then measure per layer:
 
 The fitted log-log slope per layer is the width exponent: μP² keeps every layer's
 ``pert_rms`` flat; μP-global lets input and hidden layers decay; μP-naive lets the readout grow.
+
+For the jointly normalized rules (LP, DP) it also records the **denominator** of that ascent
+step, ``sqrt(Σ_l den_l² t_l²)`` (Def. 4, Remark F.4), in total and per role.  Every layer's ε is
+divided by it, so its width exponent ``s`` shifts every ``pert_rms`` exponent by ``-s``: μP²
+assumes it is Θ(1) because the input-like layers dominate it at large width (their terms are
+Θ(1), the hidden and output terms vanish); at narrow widths the vanishing terms may still
+dominate, and then a fixed ρ perturbs more as width grows.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..optim import SAM
+from ..shapes import get_info
 from .layers import apply_weight, capture, rms, spectral_norm, spectral_scale, weight_layers
 
 METRICS = ("pert_rms", "pert_rel_spec", "update_rms", "update_spec", "act_rms")
@@ -48,6 +56,22 @@ def measure_perturbation(
             out["pert_rms"][name] = rms(apply_weight(mod, inputs[name], eps))
             w = mod.weight.detach() - eps
             out["pert_rel_spec"][name] = eps.norm().item() / max(spectral_norm(w), 1e-30)
+    return out
+
+
+def measure_denominator(opt: SAM) -> dict[str, float]:
+    """The LP/DP denominator ``sqrt(Σ_l den_l² t_l²)`` of the next ascent step (Def. 4,
+    Remark F.4) from the current gradients: ``"total"`` and the root sum of squares of each
+    role's terms (``{}`` for the per-layer and unnormalized rules)."""
+    if opt.rule not in ("LP", "DP"):
+        return {}
+    squares: dict[str, float] = {}
+    for p, term in opt.denominator_terms():
+        info = get_info(p)
+        role = info.role if info is not None else "unknown"
+        squares[role] = squares.get(role, 0.0) + term**2
+    out = {role: math.sqrt(v) for role, v in sorted(squares.items())}
+    out["total"] = math.sqrt(sum(squares.values()))
     return out
 
 
@@ -110,7 +134,8 @@ def measure_model(
     """Train ``model`` for ``steps`` steps, then measure every metric of :data:`METRICS` per
     layer (Def. 8, Fig. 2): the updates against the model at the call, and the perturbation
     of one more ascent step on the next batch (a :class:`mupp.SAM` ``opt``; other optimizers
-    report zero perturbation), restored without stepping."""
+    report zero perturbation), restored without stepping; and, for LP/DP, that step's
+    denominator (:func:`measure_denominator`) under ``"denominator"``."""
     layers = weight_layers(model)
     if not layers:
         raise ValueError(
@@ -126,6 +151,7 @@ def measure_model(
     if isinstance(opt, SAM):
         x, y = next(batches)
         loss_fn(_forward(model, x), y).backward()
+        denominator = measure_denominator(opt)
         opt.first_step(zero_grad=True)
         model.eval()
         result = measure_perturbation(model, opt, probe)
@@ -133,7 +159,9 @@ def measure_model(
     else:
         zero = {n: 0.0 for n, _ in layers}
         result = {"pert_rms": dict(zero), "pert_rel_spec": dict(zero)}
+        denominator = {}
     result.update(measure_updates(model, probe, init_outputs, init_weights))
+    result["denominator"] = denominator
     return result
 
 
@@ -160,9 +188,12 @@ def coord_data(
     the layers are measured.  For each width and seed (``torch.manual_seed(seed)`` before the
     model is built): ``steps`` training steps, then every metric of :data:`METRICS` per layer.
 
-    Returns ``{"widths", "layers", "metrics", "slopes", "config"}``: ``metrics[metric][layer]``
-    holds one mean over seeds per width, ``slopes`` the fitted width exponents; the paper's
-    prediction for μP² is an exponent of 0 for ``pert_rms`` in every layer (Sec. 3, Fig. 2).
+    Returns ``{"widths", "layers", "metrics", "slopes", "denominator", "config"}``:
+    ``metrics[metric][layer]`` holds one mean over seeds per width, ``slopes`` the fitted width
+    exponents; the paper's prediction for μP² is an exponent of 0 for ``pert_rms`` in every
+    layer (Sec. 3, Fig. 2).  ``denominator`` (LP/DP only, else empty) holds the ascent step's
+    joint norm per role and in total, ``{"values": {key: [mean per width]}, "slopes": {...}}``
+    (:func:`measure_denominator`).
     """
     widths = list(widths)
     if len(widths) < 2:
@@ -199,8 +230,21 @@ def coord_data(
         for m in METRICS
     }
     slopes = {m: {layer: slope(widths, metrics[m][layer]) for layer in layers} for m in METRICS}
+    keys = list(results[widths[0]][0]["denominator"])
+    values = {
+        k: [float(np.mean([r["denominator"].get(k, 0.0) for r in results[w]])) for w in widths]
+        for k in keys
+    }
+    denominator = {"values": values, "slopes": {k: slope(widths, v) for k, v in values.items()}}
     cfg = {"steps": steps, "seeds": seeds, **dict(config or {})}
-    return {"widths": widths, "layers": layers, "metrics": metrics, "slopes": slopes, "config": cfg}
+    return {
+        "widths": widths,
+        "layers": layers,
+        "metrics": metrics,
+        "slopes": slopes,
+        "denominator": denominator,
+        "config": cfg,
+    }
 
 
 def slope(widths: Sequence[float], values: Sequence[float]) -> float:
@@ -211,21 +255,31 @@ def slope(widths: Sequence[float], values: Sequence[float]) -> float:
     return float(np.polyfit(np.log(np.asarray(widths, dtype=float)), np.log(v), 1)[0])
 
 
+def _table(
+    title: str, head: str, widths: Sequence[float], rows: Mapping[str, Sequence[float]], slopes
+) -> list[str]:
+    name_w = max(len(n) for n in [head, *rows]) + 2
+    lines = [title, head.ljust(name_w) + "".join(f"{w:>11g}" for w in widths) + "      slope"]
+    for name, vals in rows.items():
+        s = slopes[name]
+        lines.append(
+            name.ljust(name_w)
+            + "".join(f"{v:>11.3e}" for v in vals)
+            + (f"{s:>+11.2f}" if math.isfinite(s) else "        nan")
+        )
+    return lines + [""]
+
+
 def format_tables(result: dict[str, Any]) -> str:
-    """One table per metric: layers × widths, and the fitted width exponent."""
+    """One table per metric: layers × widths, and the fitted width exponent; then the LP/DP
+    denominator per role (when recorded)."""
     widths = result["widths"]
     lines = []
-    name_w = max(len(n) for n in result["layers"]) + 2
     for m in METRICS:
-        lines.append(f"{m}")
-        lines.append("layer".ljust(name_w) + "".join(f"{w:>11g}" for w in widths) + "      slope")
-        for layer in result["layers"]:
-            vals = result["metrics"][m][layer]
-            s = result["slopes"][m][layer]
-            lines.append(
-                layer.ljust(name_w)
-                + "".join(f"{v:>11.3e}" for v in vals)
-                + (f"{s:>+11.2f}" if math.isfinite(s) else "        nan")
-            )
-        lines.append("")
+        rows = {layer: result["metrics"][m][layer] for layer in result["layers"]}
+        lines += _table(m, "layer", widths, rows, result["slopes"][m])
+    den = result.get("denominator") or {}
+    if den.get("values"):
+        title = "denominator (joint norm of the ascent step, Def. 4: every ε is divided by it)"
+        lines += _table(title, "role", widths, den["values"], den["slopes"])
     return "\n".join(lines)

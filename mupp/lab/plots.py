@@ -154,16 +154,19 @@ def _save(fig, prefix: str, kind: str) -> list[str]:
 
 def plot_coordcheck(result: Mapping[str, Any], path: str) -> None:
     """A coordinate check (:func:`mupp.diagnostics.coord_data`) as one log-log panel per
-    metric, one line per layer with its fitted width exponent (paper Fig. 2)."""
-    fig = Figure(figsize=(4 * len(METRICS), 3.4))
-    axes = fig.subplots(1, len(METRICS))
-    for ax, m in zip(axes, METRICS):
-        for layer in result["layers"]:
-            vals = result["metrics"][m][layer]
+    metric, one line per layer with its fitted width exponent (paper Fig. 2), and for LP/DP a
+    last panel with the ascent step's denominator per role (Def. 4)."""
+    denominator = (result.get("denominator") or {}).get("values") or {}
+    panels = [(m, result["metrics"][m], result["slopes"][m]) for m in METRICS]
+    if denominator:
+        panels.append(("denominator", denominator, result["denominator"]["slopes"]))
+    fig = Figure(figsize=(4 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels))
+    for ax, (title, lines, slopes) in zip(axes, panels):
+        for name, vals in lines.items():
             if all(v > 0 for v in vals):
-                s = result["slopes"][m][layer]
-                ax.loglog(result["widths"], vals, "o-", label=f"{layer} ({s:+.2f})")
-        ax.set_title(m)
+                ax.loglog(result["widths"], vals, "o-", label=f"{name} ({slopes[name]:+.2f})")
+        ax.set_title(title)
         ax.set_xlabel("width")
         ax.legend(fontsize=7)
     cfg = result["config"]

@@ -183,7 +183,8 @@ def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
     Without perturbation (``rho = 0``) the variant and rule play no part and every μP
     parameterization trains the same μP SGD run; at the base width every parameterization
-    reduces to standard SAM (paper Sec. 5).  Points that coincide share one run.
+    reduces to standard SAM (paper Sec. 5), and the DP rule to LP (every factor of
+    Remark F.4 is 1 there).  Points that coincide share one run.
     """
     cfg = dict(config)
     if cfg.get("rho") == 0:
@@ -193,6 +194,8 @@ def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
     base = cfg.get("base_width")
     if base is not None and cfg.get("width") == base:
         cfg["parameterization"] = "mupp"
+        if cfg.get("rule") == "DP":
+            cfg["rule"] = "LP"
     return cfg
 
 

@@ -213,6 +213,38 @@ def _norm_terms(variant: str, parts: list[list[torch.Tensor]]) -> tuple[list, li
     return parts[0], None
 
 
+def _directions_and_terms(
+    bucket_list: list[Bucket],
+    variant: str,
+    ascent_weight_decay: float,
+    inplace: bool,
+    grad_scale: torch.Tensor | None = None,
+) -> tuple[list, list]:
+    """Every bucket's :func:`_directions` and its whole-tensor norm terms (:func:`_norm_terms`)."""
+    dirs = [_directions(b, variant, ascent_weight_decay, inplace, grad_scale) for b in bucket_list]
+    dev = bucket_list[0].params[0].device
+    parts = _whole_norms(bucket_list, [p for _, p, _ in dirs], dev)
+    return dirs, [_norm_terms(variant, p) for p in parts]
+
+
+def denominator_terms(
+    bucket_list: list[Bucket], *, variant: str, ascent_weight_decay: float = 0.0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(parameter, den_l t_l)`` for every perturbed tensor: the terms whose root sum of
+    squares is the joint denominator of LP and DP, ``sqrt(Σ_k den_k² t_k²)`` (Def. 4,
+    Remark F.4).  μP² assumes this sum stays Θ(1) as width grows (Def. 4's gradient-norm
+    condition); a total that drifts with width over the widths a user trains makes the
+    effective ρ drift with it.  The gradients are left untouched (for diagnostics)."""
+    if not bucket_list:
+        return []
+    _, terms = _directions_and_terms(bucket_list, variant, ascent_weight_decay, inplace=False)
+    return [
+        (owner, b.den * t)
+        for b, (ts, _) in zip(bucket_list, terms)
+        for owner, t in zip(b.owners, ts)
+    ]
+
+
 def scales(
     rule: str,
     norms: torch.Tensor,
@@ -265,10 +297,10 @@ def perturb_(
     check_choice("rule", rule, RULES)
     if not bucket_list:
         return [], [], None
-    dirs = [_directions(b, variant, ascent_weight_decay, inplace, grad_scale) for b in bucket_list]
+    dirs, terms = _directions_and_terms(
+        bucket_list, variant, ascent_weight_decay, inplace, grad_scale
+    )
     dev = bucket_list[0].params[0].device
-    parts = _whole_norms(bucket_list, [p for _, p, _ in dirs], dev)
-    terms = [_norm_terms(variant, p) for p in parts]
     norms = torch.stack([t.float().to(dev, non_blocking=True) for ts, _ in terms for t in ts])
 
     def per_tensor(attr: str) -> torch.Tensor:

@@ -303,6 +303,25 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
+    def denominator_terms(self) -> list[tuple[torch.Tensor, float]]:
+        """``(parameter, den_l t_l)`` for every perturbed parameter with a gradient, from the
+        current gradients (call after ``backward`` and before :meth:`first_step`): the terms
+        whose root sum of squares divides every layer's ε under the LP and DP rules (Def. 4,
+        Remark F.4).  μP² is built on this sum staying Θ(1) with width; over finite widths
+        it may not yet, and then the effective ρ drifts (see :func:`mupp.coord_data`)."""
+        if self.rule not in ("LP", "DP"):
+            raise ValueError(
+                f"denominator_terms() needs a jointly normalized rule (LP or DP); this SAM "
+                f"uses rule={self.rule!r}"
+            )
+        terms = perturbation.denominator_terms(
+            perturbation.buckets(self.param_groups),
+            variant=self.variant,
+            ascent_weight_decay=self.ascent_weight_decay,
+        )
+        return [(p, float(t)) for p, t in terms]
+
+    @torch.no_grad()
     def perturbation(self, p: torch.Tensor) -> torch.Tensor | None:
         """ε of parameter ``p`` while a :meth:`first_step` is pending (``None`` if ``p`` is
         not perturbed), for diagnostics."""
