@@ -110,8 +110,14 @@ def test_settings_axis_expands_and_equivalent_points_share_a_run():
         "variant": "last-layer",
     }
     assert expand_point({"setting": "sp"})["variant"] == "sam"
-    with pytest.raises(ValueError, match="setting"):
-        expand_point({"setting": ""})
+    assert expand_point({"setting": "mupp/sam/DP"}) == {
+        "parameterization": "mupp",
+        "variant": "sam",
+        "rule": "DP",
+    }
+    for bad in ("", "mupp//DP", "a/b/c/d", 3):
+        with pytest.raises(ValueError, match="PARAMETERIZATION/VARIANT/RULE"):
+            expand_point({"setting": bad})
     base = {"base_width": 64, "width": 256, "rule": "LP"}
     sgd = [
         canonical_config({**base, **expand_point({"setting": s, "rho": 0.0})})
@@ -160,3 +166,14 @@ def test_a_finished_equivalent_run_is_reused_not_retrained(tmp_path, monkeypatch
         {**base, "parameterization": "mup-global"}, tmp_path, False, study=study
     )
     assert got is record
+
+
+def test_rows_name_the_rule_when_it_is_not_lp():
+    recs = [rec("mupp", 16, 0.1, 0.1, 0.5, 0), rec("mupp/last-layer", 16, 0.1, 0.1, 0.5, 0)]
+    recs.append({**rec("mupp", 16, 0.1, 0.1, 0.5, 0), "params": {"setting": "mupp/sam/DP"}})
+    dp_by_config = rec("mupp", 16, 0.1, 0.1, 0.5, 0)
+    dp_by_config["result"]["config"]["rule"] = "DP"  # `--set rule=DP`
+    recs.append(dp_by_config)
+    rows = rows_from_records(recs)
+    assert [r["setting"] for r in rows] == ["mupp", "mupp/last-layer", "mupp/sam/DP", "mupp/sam/DP"]
+    assert [r["rule"] for r in rows] == ["LP", "LP", "DP", "DP"]

@@ -17,18 +17,25 @@ def rows_from_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, An
     """Flatten sweep records (``params`` + ``result``) into one row per run.
 
     ``setting`` names what a transfer table compares: the parameterization, with the SAM
-    variant appended when it is not plain SAM (``"mupp/sam-on"``).
+    variant appended when it is not plain SAM (``"mupp/sam-on"``) and the rule after it when
+    it is not LP (``"mupp/sam/DP"``).
     """
     rows = []
     for r in records:
         cfg = dict(r["result"]["config"])
         cfg.update(expand_point(r.get("params", {})))
-        variant = cfg.get("variant", "sam")
+        variant, rule = cfg.get("variant", "sam"), cfg.get("rule", "LP")
+        setting = cfg["parameterization"]
+        if variant != "sam" or rule != "LP":
+            setting += f"/{variant}"
+        if rule != "LP":
+            setting += f"/{rule}"
         rows.append(
             {
-                "setting": cfg["parameterization"] + ("" if variant == "sam" else f"/{variant}"),
+                "setting": setting,
                 "parameterization": cfg["parameterization"],
                 "variant": variant,
+                "rule": rule,
                 "width": cfg["width"],
                 "lr": cfg["lr"],
                 "rho": cfg["rho"],

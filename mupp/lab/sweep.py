@@ -162,19 +162,23 @@ def grid_points(
 
 
 def expand_point(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Training options of a grid point: a ``setting`` axis (``"mup-global/last-layer"``, the
-    names of :func:`mupp.lab.analysis.rows_from_records`) sets ``parameterization`` and ``variant``
-    together, so that a grid can compare settings that are not a Cartesian product."""
+    """Training options of a grid point: a ``setting`` axis (``"mup-global/last-layer"``,
+    ``"mupp/sam/DP"``: the names of :func:`mupp.lab.analysis.rows_from_records`) sets
+    ``parameterization``, ``variant`` and optionally ``rule`` together, so that a grid can
+    compare settings that are not a Cartesian product."""
     out = dict(params)
     setting = out.pop("setting", None)
     if setting is not None:
-        if not isinstance(setting, str) or not setting:
+        parts = setting.split("/") if isinstance(setting, str) else []
+        if not 1 <= len(parts) <= 3 or not all(parts):
             raise ValueError(
-                f"grid setting must be 'PARAMETERIZATION' or 'PARAMETERIZATION/VARIANT'; got {setting!r}"
+                "grid setting must be 'PARAMETERIZATION', 'PARAMETERIZATION/VARIANT' or "
+                f"'PARAMETERIZATION/VARIANT/RULE'; got {setting!r}"
             )
-        par, _, variant = setting.partition("/")
-        out["parameterization"] = par
-        out["variant"] = variant or "sam"
+        out["parameterization"] = parts[0]
+        out["variant"] = parts[1] if len(parts) > 1 else "sam"
+        if len(parts) == 3:
+            out["rule"] = parts[2]
     return out
 
 
