@@ -7,7 +7,7 @@ import pytest
 
 from mupp.lab import confidence
 from mupp.lab.analysis import format_transfer, rows_from_records, transfer_summary
-from mupp.lab.sweep import canonical_config, expand_point, grid_points
+from mupp.lab.sweep import canonical_config, expand_point, grid_points, run_key
 
 T2 = 4.302652729911275  # t_{0.975, 2}
 
@@ -177,3 +177,13 @@ def test_rows_name_the_rule_when_it_is_not_lp():
     rows = rows_from_records(recs)
     assert [r["setting"] for r in rows] == ["mupp", "mupp/last-layer", "mupp/sam/DP", "mupp/sam/DP"]
     assert [r["rule"] for r in rows] == ["LP", "LP", "DP", "DP"]
+
+
+def test_run_directories_identify_configurations_by_value():
+    base = {"model": "mlp", "base_width": 64, "width": 64, "rho": 0.1, "seed": 0}
+    lp_implicit = canonical_config({**base, **expand_point({"setting": "mupp"})})
+    dp = canonical_config({**base, **expand_point({"setting": "mupp/sam/DP"})})
+    assert "rule" not in lp_implicit and dp["rule"] == "LP"  # spelled differently ...
+    assert run_key(lp_implicit) == run_key(dp)  # ... one run directory
+    assert run_key({**lp_implicit, "rule": "DP"}) != run_key(lp_implicit)
+    assert run_key({**lp_implicit, "width": 256}) != run_key(lp_implicit)

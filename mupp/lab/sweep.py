@@ -211,6 +211,14 @@ def point_key(params: Mapping[str, Any]) -> str:
     ).hexdigest()[:16]
 
 
+def run_key(config: Mapping[str, Any]) -> str:
+    """The name of a run's directory: the :func:`point_key` of the configuration's entries
+    that differ from :class:`TrainConfig`'s defaults, so that equal configurations share one
+    directory however they were spelled (``rule = "LP"`` given or left out)."""
+    defaults = TrainConfig().to_dict()
+    return point_key({k: v for k, v in config.items() if k not in defaults or defaults[k] != v})
+
+
 def _study(url: str, grid: Mapping[str, Sequence[Any]] | None, create: bool, storage=None):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -472,7 +480,7 @@ def _train_shared(
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             if same_run(t.user_attrs.get("result")):
                 return t.user_attrs["result"]
-    run_dir = runs_dir / point_key(cfg)
+    run_dir = runs_dir / run_key(cfg)
     done = run_dir / RECORD_FILE
     if done.is_file():
         try:
