@@ -185,5 +185,7 @@ def test_run_directories_identify_configurations_by_value():
     dp = canonical_config({**base, **expand_point({"setting": "mupp/sam/DP"})})
     assert "rule" not in lp_implicit and dp["rule"] == "LP"  # spelled differently ...
     assert run_key(lp_implicit) == run_key(dp)  # ... one run directory
+    assert run_key({**lp_implicit, "rho": 0.1, "width": 64.0}) == run_key(lp_implicit)
+    assert run_key({**lp_implicit, "rho": 0}) == run_key({**lp_implicit, "rho": 0.0})
     assert run_key({**lp_implicit, "rule": "DP"}) != run_key(lp_implicit)
     assert run_key({**lp_implicit, "width": 256}) != run_key(lp_implicit)

@@ -213,10 +213,17 @@ def point_key(params: Mapping[str, Any]) -> str:
 
 def run_key(config: Mapping[str, Any]) -> str:
     """The name of a run's directory: the :func:`point_key` of the configuration's entries
-    that differ from :class:`TrainConfig`'s defaults, so that equal configurations share one
-    directory however they were spelled (``rule = "LP"`` given or left out)."""
+    that differ from :class:`TrainConfig`'s defaults, numbers as floats, so that equal
+    configurations share one directory however they were spelled (``rule = "LP"`` given or
+    left out, ``rho = 0`` or ``0.0``)."""
     defaults = TrainConfig().to_dict()
-    return point_key({k: v for k, v in config.items() if k not in defaults or defaults[k] != v})
+
+    def number(v: Any) -> Any:
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    return point_key(
+        {k: number(v) for k, v in config.items() if k not in defaults or defaults[k] != v}
+    )
 
 
 def _study(url: str, grid: Mapping[str, Sequence[Any]] | None, create: bool, storage=None):
