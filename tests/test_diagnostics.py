@@ -14,6 +14,7 @@ from mupp.diagnostics import (
     slope,
     spectral_norm,
 )
+from mupp.diagnostics.coordcheck import denominator_verdict
 from mupp.lab.checks import coordcheck
 from mupp.lab.cli import main
 
@@ -92,7 +93,15 @@ def test_denominator_table_is_printed_and_absent_for_per_layer_rules(at_init):
     assert "denominator" not in format_tables(r)
     lp = coordcheck("mlp", [64, 128], steps=0, seeds=1, dataset="synthetic", progress=False)
     table = format_tables(lp).split("denominator")[1].splitlines()
-    assert [line.split()[0] for line in table[2:] if line] == ["hidden", "input", "output", "total"]
+    assert [line.split()[0] for line in table[2:6]] == ["hidden", "input", "output", "total"]
+    assert "flat within 25% from width 64 to 128" in format_tables(lp)
+
+
+def test_denominator_verdict_names_the_drift():
+    assert "flat within 25%" in denominator_verdict([8, 64], [1.0, 0.9])[0]
+    line = denominator_verdict([8, 64], [0.727, 0.294])[0]
+    assert "changes 0.40x from width 8 to 64" in line and "perturbs 2.47x" in line
+    assert "rule='DP'" in line
 
 
 def test_result_schema(checks):

@@ -282,4 +282,20 @@ def format_tables(result: dict[str, Any]) -> str:
     if den.get("values"):
         title = "denominator (joint norm of the ascent step, Def. 4: every ε is divided by it)"
         lines += _table(title, "role", widths, den["values"], den["slopes"])
+        lines += denominator_verdict(widths, den["values"]["total"])
     return "\n".join(lines)
+
+
+def denominator_verdict(widths: Sequence[float], total: Sequence[float]) -> list[str]:
+    """One line on what the denominator's drift does to ε at a fixed ρ (Def. 4), and what to
+    do when it drifts: LP's μP² exponents (Thm 11) assume it is width-independent."""
+    ratio = total[0] / total[-1]
+    span = f"from width {widths[0]:g} to {widths[-1]:g}"
+    if abs(math.log(ratio)) < math.log(1.25):
+        return [f"denominator: flat within 25% {span}: ρ's effect does not drift through it", ""]
+    return [
+        f"denominator: changes {1 / ratio:.2f}x {span}, so a fixed ρ perturbs {ratio:.2f}x as "
+        "much at the widest model from this alone; under μP² (LP) the best ρ will drift: use a "
+        "wider base width (where the input-like terms dominate) or rule='DP' (Remark F.4)",
+        "",
+    ]
