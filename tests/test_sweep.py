@@ -173,6 +173,18 @@ def test_sweep_plot_transfer_cli(tmp_path, capsys):
     assert main(["transfer", "--out", out, "--seeds", "5"]) == 2
     assert "no finished runs with these seeds" in capsys.readouterr().err
     assert main(["sweep", "--grid", "lr=0.1", "--set", "lerning_rate=1", "--out", out]) == 2
+    # --also: a companion sweep's setting joins the analysis; a sweep's own runs count once
+    dp = str(tmp_path / "dp")
+    companion = ["sweep", "--grid", "setting=mupp/sam/DP", "--grid", "lr=0.05", "--grid"]
+    companion += ["rho=0.0,0.1", "--grid", "width=32,64", *argv[7:-3], "--out", dp, "--no-progress"]
+    assert main(companion) == 0
+    both, alone, twice = (tmp_path / f"{n}.json" for n in ("both", "alone", "twice"))
+    assert main(["transfer", "--out", out, "--also", dp, "--json", str(both)]) == 0
+    assert set(json.loads(both.read_text())["parameterizations"]) == {"mupp", "mupp/sam/DP"}
+    assert main(["transfer", "--out", out, "--json", str(alone)]) == 0
+    assert main(["transfer", "--out", out, "--also", out, "--json", str(twice)]) == 0
+    assert json.loads(twice.read_text()) == json.loads(alone.read_text())
+    assert main(["plot", "--out", out, "--also", dp]) == 0
 
 
 def test_journal_storage(tmp_path):

@@ -67,6 +67,14 @@ def _add_seed_filter(p: argparse.ArgumentParser) -> None:
         default=None,
         help="only these seeds, e.g. 0 (a study in progress: compare cells on the same seeds)",
     )
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="add the finished runs of another sweep's directory (repeatable), e.g. a companion "
+        "sweep of another setting; a run it shares with an earlier sweep counts once",
+    )
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:

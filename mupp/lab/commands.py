@@ -391,18 +391,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rows(args: argparse.Namespace) -> list[dict]:
-    if args.storage is None and not (Path(args.out) / "sweep.db").exists():
+def _sweep_rows(out: str, storage: str | None) -> list[dict]:
+    """The rows of one sweep's finished runs (:func:`rows_from_records`)."""
+    if storage is None and not (Path(out) / "sweep.db").exists():
         raise ValueError(
-            f"no sweep in {args.out}: expected {Path(args.out) / 'sweep.db'}, or pass --storage URL"
+            f"no sweep in {out}: expected {Path(out) / 'sweep.db'}, or pass --storage URL"
         )
     try:
-        records = load_results(storage_url(args.out, args.storage))
+        records = load_results(storage_url(out, storage))
     except KeyError:
-        raise ValueError(f"the storage for {args.out} holds no mupp sweep") from None
+        raise ValueError(f"the storage for {out} holds no mupp sweep") from None
     if not records:
-        raise ValueError(f"no finished runs in the sweep at {args.out}")
-    rows = rows_from_records(records)
+        raise ValueError(f"no finished runs in the sweep at {out}")
+    return rows_from_records(records)
+
+
+def _rows(args: argparse.Namespace) -> list[dict]:
+    rows = _sweep_rows(args.out, args.storage)
+    for other in getattr(args, "also", None) or []:
+        # a companion sweep's copy of a cell this analysis already has (e.g. shared SGD runs
+        # in both sweeps) would count one seed twice
+        have = {(r["setting"], r["width"], r["lr"], r["rho"], r["seed"]) for r in rows}
+        rows += [
+            r
+            for r in _sweep_rows(other, None)
+            if (r["setting"], r["width"], r["lr"], r["rho"], r["seed"]) not in have
+        ]
     seeds = getattr(args, "seeds", None)
     if seeds is not None:
         rows = [r for r in rows if r["seed"] in seeds]
