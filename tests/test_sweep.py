@@ -172,6 +172,11 @@ def test_sweep_plot_transfer_cli(tmp_path, capsys):
     assert main(["transfer", "--out", out, "--seeds", "0"]) == 0
     assert main(["transfer", "--out", out, "--seeds", "5"]) == 2
     assert "no finished runs with these seeds" in capsys.readouterr().err
+    assert main(["transfer", "--out", out, "--lrs", "0.1", "--json", str(tmp_path / "l.json")]) == 0
+    only = json.loads((tmp_path / "l.json").read_text())["parameterizations"]["mupp"]
+    assert {o["lr"] for o in only["optimum"].values()} == {0.1}
+    assert main(["transfer", "--out", out, "--lrs", "0.3"]) == 2
+    assert "--lrs 0.3: no finished runs with these lrs" in capsys.readouterr().err
     assert main(["sweep", "--grid", "lr=0.1", "--set", "lerning_rate=1", "--out", out]) == 2
     # --also: a companion sweep's setting joins the analysis; a sweep's own runs count once
     dp = str(tmp_path / "dp")

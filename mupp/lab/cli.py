@@ -61,6 +61,22 @@ def _add_seed_filter(p: argparse.ArgumentParser) -> None:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected seeds like 0,1; got {text!r}") from None
 
+    def lr_list(text: str) -> list[float]:
+        try:
+            return [float(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected learning rates like 0.05,0.1; got {text!r}"
+            ) from None
+
+    p.add_argument(
+        "--lrs",
+        type=lr_list,
+        default=None,
+        help="only these learning rates, e.g. 0.05 (a study in progress: the η that every "
+        "seed has finished)",
+    )
+
     p.add_argument(
         "--seeds",
         type=seed_list,

@@ -417,11 +417,15 @@ def _rows(args: argparse.Namespace) -> list[dict]:
             for r in _sweep_rows(other, None)
             if (r["setting"], r["width"], r["lr"], r["rho"], r["seed"]) not in have
         ]
-    seeds = getattr(args, "seeds", None)
-    if seeds is not None:
-        rows = [r for r in rows if r["seed"] in seeds]
-        if not rows:
-            raise ValueError(f"--seeds {seeds}: no finished runs with these seeds in {args.out}")
+    for flag, key in (("seeds", "seed"), ("lrs", "lr")):
+        keep = getattr(args, flag, None)
+        if keep is not None:
+            rows = [r for r in rows if r[key] in keep]
+            if not rows:
+                raise ValueError(
+                    f"--{flag} {','.join(map(str, keep))}: no finished runs with these "
+                    f"{flag} in {args.out}"
+                )
     return rows
 
 
