@@ -35,6 +35,8 @@ VARIANTS: tuple[str, ...] = get_args(Variant)
 # How the ascent direction is normalized (Sec. 5, Eq. (LP); App. F.7 for DP and LN).
 Rule = Literal["LP", "DP", "LN", "unnormalized"]
 RULES: tuple[str, ...] = get_args(Rule)
+# The rules that divide every layer's ε by one joint norm over all layers (Def. 4, Remark F.4).
+JOINT_RULES: tuple[str, ...] = ("LP", "DP")
 
 # The two families of base optimizers whose μP learning-rate exponents differ (Table 1).
 OptimizerKind = Literal["sgd", "adam"]

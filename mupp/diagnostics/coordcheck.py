@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..choices import JOINT_RULES
 from ..optim import SAM
 from ..shapes import get_info
 from .layers import apply_weight, capture, rms, spectral_norm, spectral_scale, weight_layers
@@ -63,7 +64,7 @@ def measure_denominator(opt: SAM) -> dict[str, float]:
     """The LP/DP denominator ``sqrt(Σ_l den_l² t_l²)`` of the next ascent step (Def. 4,
     Remark F.4) from the current gradients: ``"total"`` and the root sum of squares of each
     role's terms (``{}`` for the per-layer and unnormalized rules)."""
-    if opt.rule not in ("LP", "DP"):
+    if opt.rule not in JOINT_RULES:
         return {}
     squares: dict[str, float] = {}
     for p, term in opt.denominator_terms():

@@ -407,16 +407,15 @@ def _sweep_rows(out: str, storage: str | None) -> list[dict]:
 
 
 def _rows(args: argparse.Namespace) -> list[dict]:
+    def cell(r: dict) -> tuple:
+        return r["setting"], r["width"], r["lr"], r["rho"], r["seed"]
+
     rows = _sweep_rows(args.out, args.storage)
     for other in getattr(args, "also", None) or []:
         # a companion sweep's copy of a cell this analysis already has (e.g. shared SGD runs
         # in both sweeps) would count one seed twice
-        have = {(r["setting"], r["width"], r["lr"], r["rho"], r["seed"]) for r in rows}
-        rows += [
-            r
-            for r in _sweep_rows(other, None)
-            if (r["setting"], r["width"], r["lr"], r["rho"], r["seed"]) not in have
-        ]
+        have = {cell(r) for r in rows}
+        rows += [r for r in _sweep_rows(other, None) if cell(r) not in have]
     for flag, key in (("seeds", "seed"), ("lrs", "lr")):
         keep = getattr(args, flag, None)
         if keep is not None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..choices import RULES, VARIANTS, check_choice
+from ..choices import JOINT_RULES, RULES, VARIANTS, check_choice
 from ..shapes import WidthInfo
 
 # variant -> (variant of mupp.theory whose exponents apply, roles perturbed effectively)
@@ -264,7 +264,7 @@ def scales(
     """
     check_choice("rule", rule, RULES)
     finite = torch.isfinite(norms).all(0)
-    if rule in ("LP", "DP"):
+    if rule in JOINT_RULES:
         total = (den * norms).square().sum(0).sqrt()
         s = rho * num / (total + norm_eps)
     elif rule == "LN":

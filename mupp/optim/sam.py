@@ -17,6 +17,7 @@ import torch
 
 from .. import scaling
 from ..choices import (
+    JOINT_RULES,
     NONFINITE,
     PARAMETERIZATIONS,
     RULES,
@@ -308,8 +309,9 @@ class SAM(torch.optim.Optimizer):
         current gradients (call after ``backward`` and before :meth:`first_step`): the terms
         whose root sum of squares divides every layer's ε under the LP and DP rules (Def. 4,
         Remark F.4).  μP² is built on this sum staying Θ(1) with width; over finite widths
-        it may not yet, and then the effective ρ drifts (see :func:`mupp.coord_data`)."""
-        if self.rule not in ("LP", "DP"):
+        it may not yet, and then the effective ρ drifts (see
+        :func:`mupp.diagnostics.coord_data`)."""
+        if self.rule not in JOINT_RULES:
             raise ValueError(
                 f"denominator_terms() needs a jointly normalized rule (LP or DP); this SAM "
                 f"uses rule={self.rule!r}"
