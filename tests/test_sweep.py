@@ -303,3 +303,26 @@ def test_a_new_queue_order_takes_effect_on_resume(tmp_path):
     while (popped := sweep._pop(study, storage, grid, lock)) is not None:
         order.append((popped[1]["seed"], popped[1]["lr"]))
     assert order == [(0, 0.05), (0, 0.1), (1, 0.05), (1, 0.1)]
+
+
+@pytest.mark.parametrize("name", __import__("mupp.lab.config", fromlist=["x"]).preset_names())
+def test_every_shipped_preset_validates_and_orders_its_whole_grid(name):
+    """A preset with a typo (an unknown key, an axis missing from its queue order) fails here,
+    not hours into a user's sweep: every grid point must make a valid TrainConfig."""
+    import argparse
+
+    from mupp.lab.commands import _sweep_spec
+    from mupp.lab.config import load_preset
+
+    args = argparse.Namespace(preset=name, config=None, data_dir=None, set=None, grid=None)
+    base, grid, order = _sweep_spec(args)
+    points = sweep.grid_points(grid, order)
+    n = 1
+    for values in grid.values():
+        n *= len(values)
+    assert len(points) == n and len({sweep.point_key(p) for p in points}) == n
+    declared = load_preset(name).get("sweep", {}).get("order")
+    if declared is not None:  # the declared order names every axis, slowest first
+        assert sorted(declared) == sorted(grid)
+        first = points[0][declared[0]], points[-1][declared[0]]
+        assert first == (grid[declared[0]][0], grid[declared[0]][-1])

@@ -44,6 +44,10 @@ Schedule = Literal["constant", "cosine"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
+# (model, width, base_width, model_kwargs) that TrainConfig.validate has built in this process
+_BUILT_ARCHITECTURES: set[tuple] = set()
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run.  ``rho = 0`` trains with the base optimizer alone."""
@@ -101,13 +105,19 @@ class TrainConfig:
                 f"device {self.device!r} is not available here (torch.cuda.is_available() is "
                 "False); use device 'cpu'"
             )
-        try:  # unknown or invalid model options fail now, not after loading the data
-            with torch.device("meta"):
-                make_model(self, 10)
-        except TypeError as e:
-            raise ValueError(
-                f"model_kwargs {self.model_kwargs!r} do not fit the {self.model}: {e}"
-            ) from None
+        # unknown or invalid model options fail now, not after loading the data; a sweep
+        # validates thousands of points that share a handful of architectures, so each
+        # architecture is built (on the meta device) once per process
+        key = (self.model, self.width, self.base_width, repr(sorted(self.model_kwargs.items())))
+        if key not in _BUILT_ARCHITECTURES:
+            try:
+                with torch.device("meta"):
+                    make_model(self, 10)
+            except TypeError as e:
+                raise ValueError(
+                    f"model_kwargs {self.model_kwargs!r} do not fit the {self.model}: {e}"
+                ) from None
+            _BUILT_ARCHITECTURES.add(key)
         return self
 
     def _check_choices(self) -> None:
