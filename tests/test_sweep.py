@@ -173,6 +173,12 @@ def test_sweep_plot_transfer_cli(tmp_path, capsys):
     assert main(["transfer", "--out", out, "--seeds", "5"]) == 2
     assert "no finished runs with these seeds" in capsys.readouterr().err
     assert main(["transfer", "--out", out, "--lrs", "0.1", "--json", str(tmp_path / "l.json")]) == 0
+    # a storage read from elsewhere draws into a folder that does not exist yet
+    url = sweep.storage_url(out)
+    figs, js = tmp_path / "new" / "figs", tmp_path / "new2" / "t.json"
+    assert main(["plot", "--storage", url, "--out", str(figs)]) == 0
+    assert (figs / "sweep_heatmaps.png").exists()
+    assert main(["transfer", "--storage", url, "--json", str(js)]) == 0 and js.exists()
     only = json.loads((tmp_path / "l.json").read_text())["parameterizations"]["mupp"]
     assert {o["lr"] for o in only["optimum"].values()} == {0.1}
     assert main(["transfer", "--out", out, "--lrs", "0.3"]) == 2

@@ -430,7 +430,9 @@ def _rows(args: argparse.Namespace) -> list[dict]:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """``mupp plot``: heatmaps, ρ-slices and the gain-vs-width figure of a sweep."""
-    paths = plot_sweep(_rows(args), str(Path(args.out) / "sweep"))
+    rows = _rows(args)
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # --storage elsewhere: a new folder
+    paths = plot_sweep(rows, str(Path(args.out) / "sweep"))
     for p in paths:
         print(f"wrote {p}")
     return 0
@@ -441,6 +443,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     summary = transfer_summary(_rows(args))
     print(format_transfer(summary))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1, default=str)
         print(f"wrote {args.json}")
