@@ -91,6 +91,33 @@ def test_transfer_statistics_on_known_answers():
     assert "+0.1100±0.0248" in text and "moved beyond the tie: yes" in text
 
 
+def test_each_learning_rate_row_has_its_own_best_rho_and_paired_gain():
+    s = transfer_summary(rows_from_records(study()))["parameterizations"]["mupp"]
+    rows = s["optimum"][1024]["by_lr"]
+    assert list(rows) == [0.1, 0.2]
+    # lr 0.1 at 1024: (0.50, 0.51, 0.52) - SGD (0.45, 0.46, 0.47) = 0.05 in every seed
+    assert rows[0.1]["rho"] == 0.2 and rows[0.1]["acc"] == pytest.approx(0.51)
+    assert rows[0.1]["sgd_acc"] == pytest.approx(0.46)
+    g = rows[0.1]["sam_gain_diff"]
+    assert g["mean"] == pytest.approx(0.05) and g["ci"] == pytest.approx(0.0, abs=1e-12)
+    # lr 0.2: (0.60, 0.62, 0.64) - (0.46, 0.46, 0.46) = (0.14, 0.16, 0.18)
+    g = rows[0.2]["sam_gain_diff"]
+    assert g["mean"] == pytest.approx(0.16) and g["ci"] == pytest.approx(T2 * 0.02 / math.sqrt(3))
+    assert rows[0.2]["acc_ci"] == pytest.approx(T2 * 0.02 / math.sqrt(3))
+    # a learning rate with SAM cells only: no SGD cell, no gain
+    recs = [
+        r
+        for r in study()
+        if (r["result"]["config"]["lr"], r["result"]["config"]["rho"]) != (0.2, 0.0)
+    ]
+    rows = transfer_summary(rows_from_records(recs))["parameterizations"]["mupp"]["optimum"][64]
+    assert rows["by_lr"][0.2]["sgd_acc"] is None
+    assert rows["by_lr"][0.2]["sam_gain_diff"] == {"mean": None, "ci": None, "seeds": 0}
+    text = format_transfer(transfer_summary(rows_from_records(study())), by_lr=True)
+    assert "lr 0.2" in text and "+0.1600±0.0497" in text
+    assert "lr 0.2" not in format_transfer(transfer_summary(rows_from_records(study())))
+
+
 def test_an_optimum_inside_the_tie_has_not_moved():
     recs = study()
     # make the transferred cell at 1024 tied with the best there

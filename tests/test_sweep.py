@@ -170,6 +170,10 @@ def test_sweep_plot_transfer_cli(tmp_path, capsys):
     assert main(["transfer", "--out", str(tmp_path / "nothing-here")]) == 2
     # --seeds keeps only those seeds (the grid here has seed 0 only)
     assert main(["transfer", "--out", out, "--seeds", "0"]) == 0
+    assert "lr 0.05" not in capsys.readouterr().out
+    assert main(["transfer", "--out", out, "--by-lr"]) == 0
+    by_lr = capsys.readouterr().out
+    assert "lr 0.05" in by_lr and "lr 0.1" in by_lr
     assert main(["transfer", "--out", out, "--seeds", "5"]) == 2
     assert "no finished runs with these seeds" in capsys.readouterr().err
     assert main(["transfer", "--out", out, "--lrs", "0.1", "--json", str(tmp_path / "l.json")]) == 0

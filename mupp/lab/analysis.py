@@ -110,6 +110,24 @@ def _diff(d: Mapping[str, float] | None) -> dict[str, Any]:
     return {"mean": d["mean"], "ci": None if math.isnan(ci) else ci, "seeds": d["n"]}
 
 
+def _lr_slice(cells: Mapping[tuple, Mapping[str, Any]], lr: float) -> dict[str, Any]:
+    """One learning rate's row of a width's grid: its best ``rho > 0`` cell, the SGD cell
+    ``(lr, 0)`` and SAM's gain between the two, paired by seed."""
+    row = {k: v for k, v in cells.items() if k[0] == lr}
+    sam, sgd = optimum(row, lambda rho: rho > 0), row.get((lr, 0.0))
+    ci = row[sam[0]]["acc_ci"] if sam else math.nan
+    return {
+        "rho": sam[0][1] if sam else None,
+        "acc": sam[1] if sam else None,
+        "acc_ci": None if math.isnan(ci) else ci,
+        "seeds": row[sam[0]]["n"] if sam else 0,
+        "sgd_acc": sgd["acc"] if sgd else None,
+        "sam_gain_diff": _diff(
+            confidence.paired(row[sam[0]]["by_seed"], sgd["by_seed"]) if (sam and sgd) else None
+        ),
+    }
+
+
 def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
     """Per setting (parameterization, and SAM variant when not plain SAM), per width:
 
@@ -118,6 +136,9 @@ def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
     - SAM's gain over SGD: the best ``rho > 0`` cell minus the best ``rho = 0`` cell (each over
       learning rates), ``sam_gain`` as a mean and ``sam_gain_diff`` paired per seed with its
       interval (same seed: same initialization and data order);
+    - ``by_lr``: per learning rate, the best ``rho > 0``, its accuracy and interval, the SGD
+      cell at that learning rate and the paired gain over it, which shows whether the best
+      ``rho`` depends on ``lr`` (the joint (η, ρ) transfer of the paper's Fig. 1);
 
     and across widths: the optimum's shift in grid steps from the smallest to the largest width,
     whether it moved beyond the tie (``optimum_moved``: the small width's optimum is not tied
@@ -149,6 +170,7 @@ def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
             )
             ci = cells[opt[0]]["acc_ci"]
             tied = tied_with_best(cells, opt[0])
+            by_lr = {lr: _lr_slice(cells, lr) for lr in sorted({lr for lr, _ in cells})}
             per_width[w] = {
                 "lr": opt[0][0],
                 "rho": opt[0][1],
@@ -162,6 +184,7 @@ def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
                 "sgd_acc": sgd[1] if sgd else None,
                 "sam_gain": (sam[1] - sgd[1]) if (sam and sgd) else None,
                 "sam_gain_diff": _diff(gain),
+                "by_lr": by_lr,
             }
         small, large = per_width[widths[0]], per_width[widths[-1]]
         large_cells = agg[(par, widths[-1])]
@@ -197,9 +220,10 @@ def _pm(mean: float | None, ci: float | None, signed: bool = False) -> str:
     return text if ci is None else f"{text}±{ci:.4f}"
 
 
-def format_transfer(summary: Mapping[str, Any]) -> str:
+def format_transfer(summary: Mapping[str, Any], by_lr: bool = False) -> str:
     """The transfer table as text: ``±`` is the half-width of the 95% interval over seeds
-    (paired by seed for the gain and the regret)."""
+    (paired by seed for the gain and the regret); ``by_lr`` adds, under each width, one line
+    per learning rate with its best ``rho`` and SAM's gain over SGD at that learning rate."""
     lines = []
     for par, s in summary["parameterizations"].items():
         lines.append(f"{par}")
@@ -217,6 +241,14 @@ def format_transfer(summary: Mapping[str, Any]) -> str:
                 f"  {w:>8g} {o['lr']:>9.4g} {o['rho']:>9.4g} {_pm(o['acc'], o['acc_ci']):>16}"
                 f" {exact:>9} {tied:>5} {sgd:>9} {_pm(gain['mean'], gain['ci'], True):>18}"
             )
+            for lr, c in o["by_lr"].items() if by_lr else ():
+                rho = "-" if c["rho"] is None else f"{c['rho']:.4g}"
+                sgd = "-" if c["sgd_acc"] is None else f"{c['sgd_acc']:.4f}"
+                g = c["sam_gain_diff"]
+                lines.append(
+                    f"  {'lr ' + format(lr, 'g'):>18} {rho:>9} {_pm(c['acc'], c['acc_ci']):>16}"
+                    f" {'':>9} {'':>5} {sgd:>9} {_pm(g['mean'], g['ci'], True):>18}"
+                )
         r = s["transfer_regret_diff"]
         moved = {None: "untested (one seed)", True: "yes", False: "no, within the tie"}[
             s["optimum_moved"]

@@ -221,6 +221,11 @@ def _add_transfer(sub: argparse._SubParsersAction) -> None:
     _add_sweep_io(tr)
     _add_seed_filter(tr)
     tr.add_argument("--json", default=None)
+    tr.add_argument(
+        "--by-lr",
+        action="store_true",
+        help="under each width, one line per learning rate: its best rho and SAM's gain there",
+    )
     tr.set_defaults(func=commands.cmd_transfer)
 
 

@@ -441,7 +441,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_transfer(args: argparse.Namespace) -> int:
     """``mupp transfer``: optimum per width, its shift, transfer regret and SAM's gain, with CIs."""
     summary = transfer_summary(_rows(args))
-    print(format_transfer(summary))
+    print(format_transfer(summary, by_lr=args.by_lr))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
