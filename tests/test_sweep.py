@@ -185,6 +185,13 @@ def test_sweep_plot_transfer_cli(tmp_path, capsys):
     assert main(["transfer", "--storage", url, "--json", str(js)]) == 0 and js.exists()
     only = json.loads((tmp_path / "l.json").read_text())["parameterizations"]["mupp"]
     assert {o["lr"] for o in only["optimum"].values()} == {0.1}
+    assert main(["transfer", "--out", out, "--rhos", "0.1", "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["rho_grid"] == [0.1]  # the sweep's grid is 0, 0.1
+    assert main(["transfer", "--out", out, "--rhos", "0.7"]) == 2
+    assert "--rhos 0.7: no finished runs with these rhos" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["transfer", "--out", out, "--rhos", "0,big"])
+    assert "expected rho values like 0,0.1; got '0,big'" in capsys.readouterr().err
     assert main(["transfer", "--out", out, "--lrs", "0.3"]) == 2
     assert "--lrs 0.3: no finished runs with these lrs" in capsys.readouterr().err
     assert main(["sweep", "--grid", "lr=0.1", "--set", "lerning_rate=1", "--out", out]) == 2

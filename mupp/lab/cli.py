@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .. import __version__
 from ..choices import MODEL_NAMES, PARAMETERIZATIONS, RULES, VARIANTS
@@ -55,31 +55,34 @@ def _add_sweep_io(p: argparse.ArgumentParser) -> None:
 
 
 def _add_seed_filter(p: argparse.ArgumentParser) -> None:
-    def seed_list(text: str) -> list[int]:
-        try:
-            return [int(x) for x in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected seeds like 0,1; got {text!r}") from None
+    def number_list(cast: type, what: str, example: str) -> Callable[[str], list]:
+        def parse(text: str) -> list:
+            try:
+                return [cast(x) for x in text.split(",")]
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"expected {what} like {example}; got {text!r}"
+                ) from None
 
-    def lr_list(text: str) -> list[float]:
-        try:
-            return [float(x) for x in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected learning rates like 0.05,0.1; got {text!r}"
-            ) from None
+        return parse
 
     p.add_argument(
         "--lrs",
-        type=lr_list,
+        type=number_list(float, "learning rates", "0.05,0.1"),
         default=None,
         help="only these learning rates, e.g. 0.05 (a study in progress: the η that every "
         "seed has finished)",
     )
-
+    p.add_argument(
+        "--rhos",
+        type=number_list(float, "rho values", "0,0.1"),
+        default=None,
+        help="only these rho values, e.g. 0,0.1 (a rho chosen on some seeds, judged on others; "
+        "keep 0 for SGD's side of the gain)",
+    )
     p.add_argument(
         "--seeds",
-        type=seed_list,
+        type=number_list(int, "seeds", "0,1"),
         default=None,
         help="only these seeds, e.g. 0 (a study in progress: compare cells on the same seeds)",
     )
