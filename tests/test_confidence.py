@@ -118,6 +118,17 @@ def test_each_learning_rate_row_has_its_own_best_rho_and_paired_gain():
     assert "lr 0.2" not in format_transfer(transfer_summary(rows_from_records(study())))
 
 
+def test_one_width_has_no_shift_and_no_regret():
+    recs = [r for r in study() if r["result"]["config"]["width"] == 64]
+    summary = transfer_summary(rows_from_records(recs))
+    s = summary["parameterizations"]["mupp"]
+    assert s["shift_lr_steps"] is None and s["shift_rho_steps"] is None
+    assert s["transfer_regret"] is None and s["transfer_regret_diff"]["mean"] is None
+    assert s["optimum_moved"] is None
+    text = format_transfer(summary)
+    assert "one width: no optimum shift or transfer regret" in text and "regret 0" not in text
+
+
 def test_an_optimum_inside_the_tie_has_not_moved():
     recs = study()
     # make the transferred cell at 1024 tied with the best there

@@ -189,7 +189,8 @@ def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
         small, large = per_width[widths[0]], per_width[widths[-1]]
         large_cells = agg[(par, widths[-1])]
         small_opt = (small["lr"], small["rho"])
-        transferred = large_cells.get(small_opt)
+        # one width: nothing is transferred, so no shift and no regret (None, not 0)
+        transferred = large_cells.get(small_opt) if len(widths) > 1 else None
         regret = (
             confidence.paired(
                 large_cells[(large["lr"], large["rho"])]["by_seed"], transferred["by_seed"]
@@ -201,8 +202,12 @@ def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
         out["parameterizations"][par] = {
             "widths": widths,
             "optimum": per_width,
-            "shift_lr_steps": lrs.index(large["lr"]) - lrs.index(small["lr"]),
-            "shift_rho_steps": rhos.index(large["rho"]) - rhos.index(small["rho"]),
+            "shift_lr_steps": lrs.index(large["lr"]) - lrs.index(small["lr"])
+            if len(widths) > 1
+            else None,
+            "shift_rho_steps": rhos.index(large["rho"]) - rhos.index(small["rho"])
+            if len(widths) > 1
+            else None,
             "optimum_moved": None
             if tied_large is None or len(widths) < 2
             else list(small_opt) not in tied_large,
@@ -253,11 +258,14 @@ def format_transfer(summary: Mapping[str, Any], by_lr: bool = False) -> str:
         moved = {None: "untested (one seed)", True: "yes", False: "no, within the tie"}[
             s["optimum_moved"]
         ]
-        lines.append(
-            f"  optimum shift {s['widths'][0]:g} -> {s['widths'][-1]:g}: lr {s['shift_lr_steps']:+d} "
-            f"steps, rho {s['shift_rho_steps']:+d} steps; moved beyond the tie: {moved}; "
-            f"transfer regret {_pm(r['mean'], r['ci'])}"
-        )
+        if len(s["widths"]) < 2:
+            lines.append("  one width: no optimum shift or transfer regret to show")
+        else:
+            lines.append(
+                f"  optimum shift {s['widths'][0]:g} -> {s['widths'][-1]:g}: lr "
+                f"{s['shift_lr_steps']:+d} steps, rho {s['shift_rho_steps']:+d} steps; moved "
+                f"beyond the tie: {moved}; transfer regret {_pm(r['mean'], r['ci'])}"
+            )
         lines.append("")
     seeds = {
         o["seeds"] for s in summary["parameterizations"].values() for o in s["optimum"].values()
