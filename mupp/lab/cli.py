@@ -54,7 +54,10 @@ def _add_sweep_io(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_seed_filter(p: argparse.ArgumentParser) -> None:
+def _add_run_filters(p: argparse.ArgumentParser) -> None:
+    """``--lrs``, ``--rhos``, ``--seeds`` (keep only these runs) and ``--also`` (add another
+    sweep's runs), shared by ``mupp plot`` and ``mupp transfer``."""
+
     def number_list(cast: type, what: str, example: str) -> Callable[[str], list]:
         def parse(text: str) -> list:
             try:
@@ -214,7 +217,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     """``mupp plot``."""
     pl = sub.add_parser("plot", help="Fig. 1-style heatmaps and slices of a sweep (PNG + PDF)")
     _add_sweep_io(pl)
-    _add_seed_filter(pl)
+    _add_run_filters(pl)
     pl.set_defaults(func=commands.cmd_plot)
 
 
@@ -222,7 +225,7 @@ def _add_transfer(sub: argparse._SubParsersAction) -> None:
     """``mupp transfer``."""
     tr = sub.add_parser("transfer", help="optimum per width, shift, transfer regret, SAM gain")
     _add_sweep_io(tr)
-    _add_seed_filter(tr)
+    _add_run_filters(tr)
     tr.add_argument("--json", default=None)
     tr.add_argument(
         "--by-lr",
