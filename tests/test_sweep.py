@@ -102,6 +102,10 @@ def test_transfer_summary_on_a_hand_made_table():
     summary = transfer_summary(rows_from_records(recs))["parameterizations"]
     assert set(summary) == {"mupp", "mupp/sam-on"}
     s = summary["mupp"]
+    by_lr = s["optimum"][64].pop("by_lr")
+    assert by_lr[0.1]["rho"] == 0.1 and by_lr[0.1]["sgd_acc"] == 0.50
+    assert by_lr[0.1]["sam_gain_diff"]["mean"] == pytest.approx(0.05)
+    assert by_lr[0.2]["acc"] == 0.53 and by_lr[0.2]["sam_gain_diff"]["mean"] == pytest.approx(0.01)
     assert s["optimum"][64] == {
         "lr": 0.1,
         "rho": 0.1,

@@ -128,6 +128,36 @@ def _lr_slice(cells: Mapping[tuple, Mapping[str, Any]], lr: float) -> dict[str, 
     }
 
 
+def _width_optimum(cells: Mapping[tuple, Mapping[str, Any]]) -> dict[str, Any]:
+    """One width's row of :func:`transfer_summary`: its optimum, the cells tied with it, SAM's
+    gain over SGD (paired by seed) and the ``by_lr`` rows of :func:`_lr_slice`."""
+    opt = optimum(cells, lambda rho: rho > 0) or optimum(cells)
+    sgd = optimum(cells, lambda rho: rho == 0)
+    sam = optimum(cells, lambda rho: rho > 0)
+    gain = (
+        confidence.paired(cells[sam[0]]["by_seed"], cells[sgd[0]]["by_seed"])
+        if (sam and sgd)
+        else None
+    )
+    ci = cells[opt[0]]["acc_ci"]
+    tied = tied_with_best(cells, opt[0])
+    return {
+        "lr": opt[0][0],
+        "rho": opt[0][1],
+        "acc": opt[1],
+        "acc_std": cells[opt[0]]["acc_std"],
+        "acc_ci": None if math.isnan(ci) else ci,
+        "acc_exact": cells[opt[0]]["acc_exact"],
+        "seeds": cells[opt[0]]["n"],
+        "tied": None if tied is None else [list(c) for c in tied],
+        "sgd_lr": sgd[0][0] if sgd else None,
+        "sgd_acc": sgd[1] if sgd else None,
+        "sam_gain": (sam[1] - sgd[1]) if (sam and sgd) else None,
+        "sam_gain_diff": _diff(gain),
+        "by_lr": {lr: _lr_slice(cells, lr) for lr in sorted({lr for lr, _ in cells})},
+    }
+
+
 def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
     """Per setting (parameterization, and SAM variant when not plain SAM), per width:
 
@@ -157,35 +187,7 @@ def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
     }
     for par in sorted({p for p, _ in agg}):
         widths = sorted(w for p, w in agg if p == par)
-        per_width = {}
-        for w in widths:
-            cells = agg[(par, w)]
-            opt = optimum(cells, lambda rho: rho > 0) or optimum(cells)
-            sgd = optimum(cells, lambda rho: rho == 0)
-            sam = optimum(cells, lambda rho: rho > 0)
-            gain = (
-                confidence.paired(cells[sam[0]]["by_seed"], cells[sgd[0]]["by_seed"])
-                if (sam and sgd)
-                else None
-            )
-            ci = cells[opt[0]]["acc_ci"]
-            tied = tied_with_best(cells, opt[0])
-            by_lr = {lr: _lr_slice(cells, lr) for lr in sorted({lr for lr, _ in cells})}
-            per_width[w] = {
-                "lr": opt[0][0],
-                "rho": opt[0][1],
-                "acc": opt[1],
-                "acc_std": cells[opt[0]]["acc_std"],
-                "acc_ci": None if math.isnan(ci) else ci,
-                "acc_exact": cells[opt[0]]["acc_exact"],
-                "seeds": cells[opt[0]]["n"],
-                "tied": None if tied is None else [list(c) for c in tied],
-                "sgd_lr": sgd[0][0] if sgd else None,
-                "sgd_acc": sgd[1] if sgd else None,
-                "sam_gain": (sam[1] - sgd[1]) if (sam and sgd) else None,
-                "sam_gain_diff": _diff(gain),
-                "by_lr": by_lr,
-            }
+        per_width = {w: _width_optimum(agg[(par, w)]) for w in widths}
         small, large = per_width[widths[0]], per_width[widths[-1]]
         large_cells = agg[(par, widths[-1])]
         small_opt = (small["lr"], small["rho"])
