@@ -191,6 +191,8 @@ def test_sweep_plot_transfer_cli(tmp_path, capsys):
     assert {o["lr"] for o in only["optimum"].values()} == {0.1}
     assert main(["transfer", "--out", out, "--rhos", "0.1", "--json", str(js)]) == 0
     assert json.loads(js.read_text())["rho_grid"] == [0.1]  # the sweep's grid is 0, 0.1
+    assert main(["transfer", "--out", out, "--widths", "64", "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["parameterizations"]["mupp"]["widths"] == [64]
     assert main(["transfer", "--out", out, "--rhos", "0.7"]) == 2
     assert "--rhos 0.7: no finished runs with these rhos" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -55,7 +55,7 @@ def _add_sweep_io(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_filters(p: argparse.ArgumentParser) -> None:
-    """``--lrs``, ``--rhos``, ``--seeds`` (keep only these runs) and ``--also`` (add another
+    """``--lrs``, ``--rhos``, ``--widths``, ``--seeds`` (keep only these runs) and ``--also`` (add another
     sweep's runs), shared by ``mupp plot`` and ``mupp transfer``."""
 
     def number_list(cast: type, what: str, example: str) -> Callable[[str], list]:
@@ -82,6 +82,13 @@ def _add_run_filters(p: argparse.ArgumentParser) -> None:
         default=None,
         help="only these rho values, e.g. 0,0.1 (a rho chosen on some seeds, judged on others; "
         "keep 0 for SGD's side of the gain)",
+    )
+    p.add_argument(
+        "--widths",
+        type=number_list(int, "widths", "64,256"),
+        default=None,
+        help="only these widths, e.g. 64,256 (a study in progress: the widths every seed has "
+        "finished)",
     )
     p.add_argument(
         "--seeds",

@@ -416,7 +416,7 @@ def _rows(args: argparse.Namespace) -> list[dict]:
         # in both sweeps) would count one seed twice
         have = {cell(r) for r in rows}
         rows += [r for r in _sweep_rows(other, None) if cell(r) not in have]
-    for flag, key in (("seeds", "seed"), ("lrs", "lr"), ("rhos", "rho")):
+    for flag, key in (("seeds", "seed"), ("lrs", "lr"), ("rhos", "rho"), ("widths", "width")):
         keep = getattr(args, flag, None)
         if keep is not None:
             rows = [r for r in rows if r[key] in keep]
