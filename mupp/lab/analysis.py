@@ -110,45 +110,54 @@ def _diff(d: Mapping[str, float] | None) -> dict[str, Any]:
     return {"mean": d["mean"], "ci": None if math.isnan(ci) else ci, "seeds": d["n"]}
 
 
+def _sam_vs_sgd(cells: Mapping[tuple, Mapping[str, Any]]) -> tuple:
+    """``(sam, sgd, gain)``: the best ``rho > 0`` and the best ``rho = 0`` cell of ``cells`` (as
+    :func:`optimum` gives them, ``None`` when absent) and the first minus the second, paired by
+    seed (``None`` unless both exist)."""
+    sam = optimum(cells, lambda rho: rho > 0)
+    sgd = optimum(cells, lambda rho: rho == 0)
+    gain = (
+        confidence.paired(cells[sam[0]]["by_seed"], cells[sgd[0]]["by_seed"])
+        if (sam and sgd)
+        else None
+    )
+    return sam, sgd, gain
+
+
+def _ci(cell: Mapping[str, Any]) -> float | None:
+    """A cell's interval half-width, ``None`` where one seed leaves it undefined."""
+    return None if math.isnan(cell["acc_ci"]) else cell["acc_ci"]
+
+
 def _lr_slice(cells: Mapping[tuple, Mapping[str, Any]], lr: float) -> dict[str, Any]:
     """One learning rate's row of a width's grid: its best ``rho > 0`` cell, the SGD cell
     ``(lr, 0)`` and SAM's gain between the two, paired by seed."""
-    row = {k: v for k, v in cells.items() if k[0] == lr}
-    sam, sgd = optimum(row, lambda rho: rho > 0), row.get((lr, 0.0))
-    ci = row[sam[0]]["acc_ci"] if sam else math.nan
+    sam, sgd, gain = _sam_vs_sgd({k: v for k, v in cells.items() if k[0] == lr})
     return {
         "rho": sam[0][1] if sam else None,
         "acc": sam[1] if sam else None,
-        "acc_ci": None if math.isnan(ci) else ci,
-        "seeds": row[sam[0]]["n"] if sam else 0,
-        "sgd_acc": sgd["acc"] if sgd else None,
-        "sam_gain_diff": _diff(
-            confidence.paired(row[sam[0]]["by_seed"], sgd["by_seed"]) if (sam and sgd) else None
-        ),
+        "acc_ci": _ci(cells[sam[0]]) if sam else None,
+        "seeds": cells[sam[0]]["n"] if sam else 0,
+        "sgd_acc": sgd[1] if sgd else None,
+        "sam_gain_diff": _diff(gain),
     }
 
 
 def _width_optimum(cells: Mapping[tuple, Mapping[str, Any]]) -> dict[str, Any]:
     """One width's row of :func:`transfer_summary`: its optimum, the cells tied with it, SAM's
     gain over SGD (paired by seed) and the ``by_lr`` rows of :func:`_lr_slice`."""
-    opt = optimum(cells, lambda rho: rho > 0) or optimum(cells)
-    sgd = optimum(cells, lambda rho: rho == 0)
-    sam = optimum(cells, lambda rho: rho > 0)
-    gain = (
-        confidence.paired(cells[sam[0]]["by_seed"], cells[sgd[0]]["by_seed"])
-        if (sam and sgd)
-        else None
-    )
-    ci = cells[opt[0]]["acc_ci"]
+    sam, sgd, gain = _sam_vs_sgd(cells)
+    opt = sam or optimum(cells)
+    best = cells[opt[0]]
     tied = tied_with_best(cells, opt[0])
     return {
         "lr": opt[0][0],
         "rho": opt[0][1],
         "acc": opt[1],
-        "acc_std": cells[opt[0]]["acc_std"],
-        "acc_ci": None if math.isnan(ci) else ci,
-        "acc_exact": cells[opt[0]]["acc_exact"],
-        "seeds": cells[opt[0]]["n"],
+        "acc_std": best["acc_std"],
+        "acc_ci": _ci(best),
+        "acc_exact": best["acc_exact"],
+        "seeds": best["n"],
         "tied": None if tied is None else [list(c) for c in tied],
         "sgd_lr": sgd[0][0] if sgd else None,
         "sgd_acc": sgd[1] if sgd else None,
@@ -192,7 +201,8 @@ def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
         large_cells = agg[(par, widths[-1])]
         small_opt = (small["lr"], small["rho"])
         # one width: nothing is transferred, so no shift and no regret (None, not 0)
-        transferred = large_cells.get(small_opt) if len(widths) > 1 else None
+        several = len(widths) > 1
+        transferred = large_cells.get(small_opt) if several else None
         regret = (
             confidence.paired(
                 large_cells[(large["lr"], large["rho"])]["by_seed"], transferred["by_seed"]
@@ -204,14 +214,12 @@ def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
         out["parameterizations"][par] = {
             "widths": widths,
             "optimum": per_width,
-            "shift_lr_steps": lrs.index(large["lr"]) - lrs.index(small["lr"])
-            if len(widths) > 1
-            else None,
+            "shift_lr_steps": lrs.index(large["lr"]) - lrs.index(small["lr"]) if several else None,
             "shift_rho_steps": rhos.index(large["rho"]) - rhos.index(small["rho"])
-            if len(widths) > 1
+            if several
             else None,
             "optimum_moved": None
-            if tied_large is None or len(widths) < 2
+            if tied_large is None or not several
             else list(small_opt) not in tied_large,
             "transfer_acc": transferred["acc"] if transferred else None,
             "transfer_regret": (large["acc"] - transferred["acc"]) if transferred else None,
@@ -256,13 +264,13 @@ def format_transfer(summary: Mapping[str, Any], by_lr: bool = False) -> str:
                     f"  {'lr ' + format(lr, 'g'):>18} {rho:>9} {_pm(c['acc'], c['acc_ci']):>16}"
                     f" {'':>9} {'':>5} {sgd:>9} {_pm(g['mean'], g['ci'], True):>18}"
                 )
-        r = s["transfer_regret_diff"]
-        moved = {None: "untested (one seed)", True: "yes", False: "no, within the tie"}[
-            s["optimum_moved"]
-        ]
         if len(s["widths"]) < 2:
             lines.append("  one width: no optimum shift or transfer regret to show")
         else:
+            r = s["transfer_regret_diff"]
+            moved = {None: "untested (one seed)", True: "yes", False: "no, within the tie"}[
+                s["optimum_moved"]
+            ]
             lines.append(
                 f"  optimum shift {s['widths'][0]:g} -> {s['widths'][-1]:g}: lr "
                 f"{s['shift_lr_steps']:+d} steps, rho {s['shift_rho_steps']:+d} steps; moved "

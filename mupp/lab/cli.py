@@ -54,48 +54,59 @@ def _add_sweep_io(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_run_filters(p: argparse.ArgumentParser) -> None:
-    """``--lrs``, ``--rhos``, ``--widths``, ``--seeds`` (keep only these runs) and ``--also`` (add another
-    sweep's runs), shared by ``mupp plot`` and ``mupp transfer``."""
-
-    def number_list(cast: type, what: str, example: str) -> Callable[[str], list]:
-        def parse(text: str) -> list:
-            try:
-                return [cast(x) for x in text.split(",")]
-            except ValueError:
-                raise argparse.ArgumentTypeError(
-                    f"expected {what} like {example}; got {text!r}"
-                ) from None
-
-        return parse
-
-    p.add_argument(
-        "--lrs",
-        type=number_list(float, "learning rates", "0.05,0.1"),
-        default=None,
-        help="only these learning rates, e.g. 0.05 (a study in progress: the η that every "
-        "seed has finished)",
-    )
-    p.add_argument(
-        "--rhos",
-        type=number_list(float, "rho values", "0,0.1"),
-        default=None,
-        help="only these rho values, e.g. 0,0.1 (a rho chosen on some seeds, judged on others; "
-        "keep 0 for SGD's side of the gain)",
-    )
-    p.add_argument(
-        "--widths",
-        type=number_list(int, "widths", "64,256"),
-        default=None,
-        help="only these widths, e.g. 64,256 (a study in progress: the widths every seed has "
+# how each ``--<key>s`` filter of :data:`commands.RUN_FILTERS` parses and explains itself
+_FILTER_ARGS = {
+    "lr": (
+        float,
+        "learning rates",
+        "0.05,0.1",
+        "only these learning rates, e.g. 0.05 (a study in progress: the η that every seed has "
         "finished)",
-    )
-    p.add_argument(
-        "--seeds",
-        type=number_list(int, "seeds", "0,1"),
-        default=None,
-        help="only these seeds, e.g. 0 (a study in progress: compare cells on the same seeds)",
-    )
+    ),
+    "rho": (
+        float,
+        "rho values",
+        "0,0.1",
+        "only these rho values, e.g. 0,0.1 (a rho chosen on some seeds, judged on others; keep "
+        "0 for SGD's side of the gain)",
+    ),
+    "width": (
+        int,
+        "widths",
+        "64,256",
+        "only these widths, e.g. 64,256 (a study in progress: the widths every seed has finished)",
+    ),
+    "seed": (
+        int,
+        "seeds",
+        "0,1",
+        "only these seeds, e.g. 0 (a study in progress: compare cells on the same seeds)",
+    ),
+}
+
+
+def _number_list(cast: type, what: str, example: str) -> Callable[[str], list]:
+    """An argparse ``type`` for comma-separated numbers, naming what it expected on bad input."""
+
+    def parse(text: str) -> list:
+        try:
+            return [cast(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {what} like {example}; got {text!r}"
+            ) from None
+
+    return parse
+
+
+def _add_run_filters(p: argparse.ArgumentParser) -> None:
+    """``--seeds``, ``--lrs``, ``--rhos``, ``--widths`` (keep only these runs) and ``--also``
+    (add another sweep's runs), shared by ``mupp plot`` and ``mupp transfer``."""
+    for key in commands.RUN_FILTERS:
+        cast, what, example, help_text = _FILTER_ARGS[key]
+        p.add_argument(
+            f"--{key}s", type=_number_list(cast, what, example), default=None, help=help_text
+        )
     p.add_argument(
         "--also",
         action="append",

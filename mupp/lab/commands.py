@@ -406,6 +406,10 @@ def _sweep_rows(out: str, storage: str | None) -> list[dict]:
     return rows_from_records(records)
 
 
+# the run fields that ``mupp plot``/``mupp transfer`` can filter on, as ``--<key>s 1,2``
+RUN_FILTERS = ("seed", "lr", "rho", "width")
+
+
 def _rows(args: argparse.Namespace) -> list[dict]:
     def cell(r: dict) -> tuple:
         return r["setting"], r["width"], r["lr"], r["rho"], r["seed"]
@@ -416,7 +420,8 @@ def _rows(args: argparse.Namespace) -> list[dict]:
         # in both sweeps) would count one seed twice
         have = {cell(r) for r in rows}
         rows += [r for r in _sweep_rows(other, None) if cell(r) not in have]
-    for flag, key in (("seeds", "seed"), ("lrs", "lr"), ("rhos", "rho"), ("widths", "width")):
+    for key in RUN_FILTERS:
+        flag = f"{key}s"
         keep = getattr(args, flag, None)
         if keep is not None:
             rows = [r for r in rows if r[key] in keep]
