@@ -438,20 +438,12 @@ def _from_mup_infshape(
         return replace(own, name=name)
     bshape = tuple(d.base_dim if d.isinf() else d.dim for d in inf)
     width = tuple(bool(d.isinf()) for d in inf)
-    in_dims, out_dims, source = _fan_dims(module, pname, len(bshape), width)
-    shape = tuple(p.shape)
-    return WidthInfo(
+    info = _info_from_view(tuple(p.shape), bshape, width, module, pname)
+    return replace(
+        info,
         name=name,
-        shape=shape,
-        base_shape=bshape,
-        width_dims=width,
-        fan_in=math.prod(shape[i] for i in in_dims),
-        fan_out=math.prod(shape[i] for i in out_dims),
-        base_fan_in=math.prod(bshape[i] for i in in_dims),
-        base_fan_out=math.prod(bshape[i] for i in out_dims),
-        role=_role(any(width[i] for i in in_dims), any(width[i] for i in out_dims)),
         is_norm=isinstance(module, _NORM_TYPES),
-        source="mup" if source == "guess" else source,
+        source="mup" if info.source == "guess" else info.source,
         extra={"mup_readout": type(module).__name__ == "MuReadout"},
     )
 
@@ -472,8 +464,11 @@ def get_info(p: torch.Tensor) -> WidthInfo | None:
     return None
 
 
-def _info_from_view(shape, bshape, width) -> WidthInfo:
-    in_dims, out_dims, source = _fan_dims(None, "", len(shape), width)
+def _info_from_view(
+    shape, bshape, width, module: nn.Module | None = None, pname: str = ""
+) -> WidthInfo:
+    """A parameter's widths from mup's view of it (base shape, which dims are infinite)."""
+    in_dims, out_dims, source = _fan_dims(module, pname, len(shape), width)
     return WidthInfo(
         name="",
         shape=shape,
