@@ -6,7 +6,7 @@ import math
 import pytest
 
 from mupp.lab import confidence
-from mupp.lab.analysis import format_transfer, rows_from_records, transfer_summary
+from mupp.lab.analysis import aggregate, format_transfer, rows_from_records, transfer_summary
 from mupp.lab.sweep import canonical_config, expand_point, grid_points, run_key
 
 T2 = 4.302652729911275  # t_{0.975, 2}
@@ -89,6 +89,46 @@ def test_transfer_statistics_on_known_answers():
     assert s["shift_lr_steps"] == 1 and s["shift_rho_steps"] == 0
     text = format_transfer(transfer_summary(rows_from_records(study())))
     assert "+0.1100±0.0248" in text and "moved beyond the tie: yes" in text
+
+
+def _outline(ax):
+    """The white cell edges a heatmap panel draws, as ((x0, x1), (y0, y1)) pairs."""
+    return {
+        (tuple(line.get_xdata()), tuple(line.get_ydata()))
+        for line in ax.lines
+        if line.get_color() == "white"
+    }
+
+
+def test_heatmaps_mark_the_reported_optimum_and_outline_exactly_its_tie():
+    from mupp.lab.plots import _heatmaps
+
+    rows = rows_from_records(study())
+    fig = _heatmaps(aggregate(rows), [0.1, 0.2], [0.0, 0.2])
+    small, large = [ax for ax in fig.axes if ax.get_title()]  # the panels, not the colorbars
+    # width 64: optimum (lr 0.1, rho 0.2) = row 0, column 1; tied: both rows of column 1
+    marks = [ln for ln in small.lines if ln.get_marker() == "x"]
+    assert [(m.get_xdata()[0], m.get_ydata()[0]) for m in marks] == [(1, 0)]
+    assert _outline(small) == {
+        ((0.5, 1.5), (-0.5, -0.5)),
+        ((0.5, 1.5), (1.5, 1.5)),
+        ((0.5, 0.5), (-0.5, 0.5)),
+        ((0.5, 0.5), (0.5, 1.5)),
+        ((1.5, 1.5), (-0.5, 0.5)),
+        ((1.5, 1.5), (0.5, 1.5)),
+    }
+    # width 1024: one tied cell, (lr 0.2, rho 0.2) = row 1, column 1: its four edges
+    assert _outline(large) == {
+        ((0.5, 1.5), (0.5, 0.5)),
+        ((0.5, 1.5), (1.5, 1.5)),
+        ((0.5, 0.5), (0.5, 1.5)),
+        ((1.5, 1.5), (0.5, 1.5)),
+    }
+    # one seed: no test is possible, the outline is the cells within 1 point of the best
+    one = [r for r in rows if r["seed"] == 0]
+    fig = _heatmaps(aggregate(one), [0.1, 0.2], [0.0, 0.2])
+    # seed 0 at 64: best SAM (0.1, 0.2) = 0.50; (0.2, 0.2) = 0.49 is within a point
+    assert len(_outline(fig.axes[0])) == 6
 
 
 def test_each_learning_rate_row_has_its_own_best_rho_and_paired_gain():

@@ -89,6 +89,12 @@ def optimum(
     return best
 
 
+def best_cell(cells: Mapping[tuple, Mapping[str, Any]]) -> tuple[tuple, float]:
+    """``((lr, rho), mean acc)`` of a width's optimum as mupp reports it: the best SAM cell
+    (``rho > 0``), or the best cell of all when the grid has no SAM cell."""
+    return optimum(cells, lambda rho: rho > 0) or optimum(cells)
+
+
 def tied_with_best(cells: Mapping[tuple, Mapping[str, Any]], best: tuple) -> list[tuple] | None:
     """The cells whose accuracy is statistically tied with cell ``best``: the 95% interval of
     the per-seed difference ``best - cell`` contains zero.  ``None`` when fewer than two seeds
@@ -147,7 +153,7 @@ def _width_optimum(cells: Mapping[tuple, Mapping[str, Any]]) -> dict[str, Any]:
     """One width's row of :func:`transfer_summary`: its optimum, the cells tied with it, SAM's
     gain over SGD (paired by seed) and the ``by_lr`` rows of :func:`_lr_slice`."""
     sam, sgd, gain = _sam_vs_sgd(cells)
-    opt = sam or optimum(cells)
+    opt = best_cell(cells)
     best = cells[opt[0]]
     tied = tied_with_best(cells, opt[0])
     return {

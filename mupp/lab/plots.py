@@ -15,12 +15,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..diagnostics.coordcheck import METRICS
-from .analysis import aggregate, optimum, transfer_summary
+from .analysis import aggregate, best_cell, optimum, tied_with_best, transfer_summary
 
 
 def plot_sweep(rows: list[Mapping[str, Any]], prefix: str) -> list[str]:
     """Fig. 1-style heatmaps (seed-mean test accuracy over lr × rho per setting and width, ×
-    at the optimum, the region within 1% of it outlined, diverged cells grey), slices
+    at the optimum, the cells statistically tied with it outlined, diverged cells grey), slices
     (accuracy against rho at each width's best lr with 95% intervals over seeds, SGD dashed)
     and SAM's gain against width (:func:`plot_gain`).  Writes PNG and PDF; returns the paths."""
     agg = aggregate(rows)
@@ -57,20 +57,39 @@ def _heatmaps(agg: Mapping[tuple, Mapping], lrs: list[float], rhos: list[float])
                 vmin=0,
                 vmax=2,
             )
-            if np.isfinite(shown).any():
-                best = np.nanmax(shown)
-                bi = np.unravel_index(np.nanargmax(shown), shown.shape)
-                ax.plot(bi[1], bi[0], "x", color="red", markersize=12, mew=3)
-                near = np.where(np.isfinite(shown), shown >= best - 1.0, False).astype(float)
-                if near.sum() > 0 and len(lrs) > 1 and len(rhos) > 1:
-                    ax.contour(near, levels=[0.5], colors="white", linewidths=1.5)
+            if cells and np.isfinite(shown).any():
+                _mark_optimum(ax, cells, lrs, rhos)
             fig.colorbar(im, ax=ax, label="test acc (%)")
             ax.set_xticks(range(len(rhos)), [f"{r:g}" for r in rhos], rotation=45)
             ax.set_yticks(range(len(lrs)), [f"{x:g}" for x in lrs])
             ax.set_xlabel("perturbation radius ρ")
             ax.set_ylabel("learning rate η")
             ax.set_title(f"{par}, width {w:g}")
+    fig.suptitle(
+        "×: best SAM cell (as mupp transfer reports it); outlined: the cells tied with it "
+        "(95%, paired by seed; with one seed, within 1 point)",
+        fontsize=9,
+    )
     return fig
+
+
+def _mark_optimum(ax: Any, cells: Mapping[tuple, Mapping], lrs: list, rhos: list) -> None:
+    """× on the optimum of :func:`best_cell`; the cells of :func:`tied_with_best` outlined
+    along their edges (with one seed, where no test is possible: those within 1 point)."""
+    (lr, rho), acc = best_cell(cells)
+    ax.plot(rhos.index(rho), lrs.index(lr), "x", color="red", markersize=12, mew=3)
+    tied = tied_with_best(cells, (lr, rho))
+    if tied is None:
+        tied = [k for k, v in cells.items() if v["acc"] >= acc - 0.01 and not v["diverged"]]
+    inside = {(lrs.index(a), rhos.index(b)) for a, b in tied}
+    for i, j in inside:
+        for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            if (i + di, j + dj) not in inside:  # an edge of the tied region
+                if di:
+                    xs, ys = [j - 0.5, j + 0.5], [i + di / 2] * 2
+                else:
+                    xs, ys = [j + dj / 2] * 2, [i - 0.5, i + 0.5]
+                ax.plot(xs, ys, color="white", lw=1.5, solid_capstyle="projecting")
 
 
 def _slices(agg: Mapping[tuple, Mapping], rhos: list[float]) -> Figure:
