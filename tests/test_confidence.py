@@ -91,6 +91,24 @@ def test_transfer_statistics_on_known_answers():
     assert "+0.1100±0.0248" in text and "moved beyond the tie: yes" in text
 
 
+def test_versus_pairs_each_settings_best_cell_against_the_reference():
+    rows = study() + [
+        rec("mup-global", 64, 0.1, 0.2, a, s) for s, a in enumerate((0.50, 0.52, 0.54))
+    ]
+    rows += [rec("mup-global", 1024, 0.1, 0.2, a, s) for s, a in enumerate((0.55, 0.58, 0.58))]
+    s = transfer_summary(rows_from_records(rows), versus="mupp")
+    assert s["versus"]["reference"] == "mupp" and list(s["versus"]["diff"]) == ["mup-global"]
+    d = s["versus"]["diff"]["mup-global"]
+    # 64: the same accuracies as mupp's best cell; 1024: (0.55, 0.58, 0.58) - (0.60, 0.62, 0.64)
+    assert d[64]["mean"] == pytest.approx(0.0) and d[64]["ci"] == pytest.approx(0.0)
+    assert d[1024]["mean"] == pytest.approx(-0.05) and d[1024]["seeds"] == 3
+    assert d[1024]["ci"] == pytest.approx(T2 * 0.01 / math.sqrt(3))
+    assert "best cell minus mupp's best cell" in format_transfer(s)
+    assert "versus" not in transfer_summary(rows_from_records(rows))
+    with pytest.raises(ValueError, match=r"versus='sam'.*one of \['mup-global', 'mupp'\]"):
+        transfer_summary(rows_from_records(rows), versus="sam")
+
+
 def _outline(ax):
     """The white cell edges a heatmap panel draws, as ((x0, x1), (y0, y1)) pairs."""
     return {

@@ -195,6 +195,9 @@ def test_sweep_plot_transfer_cli(tmp_path, capsys):
     assert json.loads(js.read_text())["parameterizations"]["mupp"]["widths"] == [64]
     assert main(["transfer", "--out", out, "--rhos", "0.7"]) == 2
     assert "--rhos 0.7: no finished runs with these rhos" in capsys.readouterr().err
+    assert main(["transfer", "--out", out, "--versus", "mupp"]) == 0  # no other setting to pair
+    assert main(["transfer", "--out", out, "--versus", "sp"]) == 2
+    assert "versus='sp': no such setting among the runs" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["transfer", "--out", out, "--rhos", "0,big"])
     assert "expected rho values like 0,0.1; got '0,big'" in capsys.readouterr().err

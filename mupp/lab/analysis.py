@@ -173,7 +173,7 @@ def _width_optimum(cells: Mapping[tuple, Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
+def transfer_summary(rows: list[Mapping[str, Any]], versus: str | None = None) -> dict[str, Any]:
     """Per setting (parameterization, and SAM variant when not plain SAM), per width:
 
     - the optimum ``(lr, rho)`` by seed-mean accuracy, its 95% interval ``acc_ci`` and the grid
@@ -189,6 +189,9 @@ def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
     whether it moved beyond the tie (``optimum_moved``: the small width's optimum is not tied
     with the best at the largest width) and the transfer regret, the accuracy lost at the
     largest width by using the smallest width's optimum, paired per seed with its interval.
+    With ``versus`` naming a setting, ``versus`` holds, per other setting and width, its best
+    cell minus that setting's best cell, paired by seed: whether one parameterization beats
+    another at a width, not only each one SGD.
     Picking the best of many cells favours lucky cells, so gains at the optimum lean high.
     """
     agg = aggregate(rows)
@@ -231,7 +234,27 @@ def transfer_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
             "transfer_regret": (large["acc"] - transferred["acc"]) if transferred else None,
             "transfer_regret_diff": _diff(regret),
         }
+    if versus is not None:
+        out["versus"] = _versus(agg, versus)
     return out
+
+
+def _versus(agg: Mapping[tuple, Mapping[tuple, Mapping[str, Any]]], reference: str) -> dict:
+    """``{"reference": reference, "diff": {setting: {width: paired difference}}}``: each other
+    setting's best cell (:func:`best_cell`) minus the reference's at the same width."""
+    settings = sorted({p for p, _ in agg})
+    if reference not in settings:
+        raise ValueError(
+            f"versus={reference!r}: no such setting among the runs; expected one of {settings}"
+        )
+    diff: dict[str, dict] = {}
+    for (par, w), cells in sorted(agg.items()):
+        ref = agg.get((reference, w))
+        if par == reference or ref is None:
+            continue
+        mine, theirs = cells[best_cell(cells)[0]], ref[best_cell(ref)[0]]
+        diff.setdefault(par, {})[w] = _diff(confidence.paired(mine["by_seed"], theirs["by_seed"]))
+    return {"reference": reference, "diff": diff}
 
 
 def _pm(mean: float | None, ci: float | None, signed: bool = False) -> str:
@@ -282,6 +305,15 @@ def format_transfer(summary: Mapping[str, Any], by_lr: bool = False) -> str:
                 f"{s['shift_lr_steps']:+d} steps, rho {s['shift_rho_steps']:+d} steps; moved "
                 f"beyond the tie: {moved}; transfer regret {_pm(r['mean'], r['ci'])}"
             )
+        lines.append("")
+    vs = summary.get("versus")
+    if vs and vs["diff"]:
+        widths = sorted({w for d in vs["diff"].values() for w in d})
+        lines.append(f"best cell minus {vs['reference']}'s best cell, paired by seed")
+        lines.append(f"  {'setting':<24}" + "".join(f" {f'width {w:g}':>16}" for w in widths))
+        for par, d in vs["diff"].items():
+            cells = (_pm(d[w]["mean"], d[w]["ci"], True) if w in d else "-" for w in widths)
+            lines.append(f"  {par:<24}" + "".join(f" {c:>16}" for c in cells))
         lines.append("")
     seeds = {
         o["seeds"] for s in summary["parameterizations"].values() for o in s["optimum"].values()

@@ -250,6 +250,13 @@ def _add_transfer(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="under each width, one line per learning rate: its best rho and SAM's gain there",
     )
+    tr.add_argument(
+        "--versus",
+        metavar="SETTING",
+        default=None,
+        help="also each other setting's best cell minus this setting's (e.g. mupp), per width, "
+        "paired by seed",
+    )
     tr.set_defaults(func=commands.cmd_transfer)
 
 

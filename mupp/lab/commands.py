@@ -445,7 +445,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_transfer(args: argparse.Namespace) -> int:
     """``mupp transfer``: optimum per width, its shift, transfer regret and SAM's gain, with CIs."""
-    summary = transfer_summary(_rows(args))
+    summary = transfer_summary(_rows(args), versus=args.versus)
     print(format_transfer(summary, by_lr=args.by_lr))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
