@@ -235,25 +235,35 @@ def transfer_summary(rows: list[Mapping[str, Any]], versus: str | None = None) -
             "transfer_regret_diff": _diff(regret),
         }
     if versus is not None:
-        out["versus"] = _versus(agg, versus)
+        out["versus"] = _versus(agg, out["parameterizations"], versus)
     return out
 
 
-def _versus(agg: Mapping[tuple, Mapping[tuple, Mapping[str, Any]]], reference: str) -> dict:
+def _versus(
+    agg: Mapping[tuple, Mapping[tuple, Mapping[str, Any]]],
+    settings: Mapping[str, Mapping[str, Any]],
+    reference: str,
+) -> dict:
     """``{"reference": reference, "diff": {setting: {width: paired difference}}}``: each other
-    setting's best cell (:func:`best_cell`) minus the reference's at the same width."""
-    settings = sorted({p for p, _ in agg})
+    setting's optimum, as ``settings`` (the summary's per-setting entries) reports it, minus the
+    reference's at the same width."""
     if reference not in settings:
         raise ValueError(
-            f"versus={reference!r}: no such setting among the runs; expected one of {settings}"
+            f"versus={reference!r}: no such setting among the runs; expected one of "
+            f"{sorted(settings)}"
         )
+
+    def by_seed(par: str, w: float) -> dict:
+        o = settings[par]["optimum"][w]
+        return agg[(par, w)][(o["lr"], o["rho"])]["by_seed"]
+
+    ref = settings[reference]["optimum"]
     diff: dict[str, dict] = {}
-    for (par, w), cells in sorted(agg.items()):
-        ref = agg.get((reference, w))
-        if par == reference or ref is None:
-            continue
-        mine, theirs = cells[best_cell(cells)[0]], ref[best_cell(ref)[0]]
-        diff.setdefault(par, {})[w] = _diff(confidence.paired(mine["by_seed"], theirs["by_seed"]))
+    for par, s in settings.items():
+        for w in s["widths"]:
+            if par != reference and w in ref:
+                paired = confidence.paired(by_seed(par, w), by_seed(reference, w))
+                diff.setdefault(par, {})[w] = _diff(paired)
     return {"reference": reference, "diff": diff}
 
 
