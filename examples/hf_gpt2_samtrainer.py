@@ -1,5 +1,7 @@
-"""μP² SAM in the Hugging Face Trainer: a GPT-2-style model, base shapes from a narrower copy
-built on the meta device, and ``SAMTrainer`` running both SAM passes per step.
+"""μP² SAM in the Hugging Face Trainer: a stock GPT-2 made μP by ``prepare`` (base shapes from
+narrower copies built on the meta device, 1/d_head attention, the tied readout's 1/width
+multiplier, μP init), checked by ``mupp.diagnostics.verify``, then ``SAMTrainer`` running both
+SAM passes per step.
 
     pip install torch==2.13.0 -e ".[integrations]"
     python examples/hf_gpt2_samtrainer.py
@@ -13,7 +15,8 @@ import torch
 import transformers
 
 import mupp
-from mupp.integrations.huggingface import SAMTrainer
+from mupp.diagnostics import verify
+from mupp.integrations.huggingface import SAMTrainer, prepare
 
 
 def gpt2(width: int) -> transformers.GPT2LMHeadModel:
@@ -35,14 +38,33 @@ class RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    model = gpt2(128)
+def prepared_gpt2(width: int) -> transformers.GPT2LMHeadModel:
+    model = gpt2(width)
     with torch.device("meta"):
         base, delta = gpt2(32), gpt2(64)
-    # every layout is known (Embedding, Conv1D stored as (in, out), LayerNorm); the tied
-    # lm_head is the embedding itself, so no role is a guess and nothing is announced
-    mupp.set_base_shapes(model, base, delta=delta)
+    # set_base_shapes alone would leave GPT-2 SP in disguise (1/sqrt(d_head) attention, a tied
+    # readout without 1/width, a fixed init std): prepare does all of it
+    return prepare(model, base, delta)
+
+
+def token_batches(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        ids = torch.randint(0, 128, (8, 17), generator=gen)
+        yield {"input_ids": ids[:, :-1]}, ids[:, 1:]
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    report = verify(
+        prepared_gpt2,
+        [64, 128, 256],
+        lambda m: mupp.SAM(m.parameters(), torch.optim.AdamW, lr=3e-3, rho=0.05, rule="DP"),
+        token_batches,
+        seeds=1,
+    )
+    print(f"verify: {'μP' if report.ok else report.problems}")
+    model = prepared_gpt2(128)
     table = mupp.describe(model)
     print("\n".join(str(table).splitlines()[:8]))
     opt = mupp.SAM(

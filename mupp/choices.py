@@ -56,7 +56,7 @@ Parallel = Literal["ddp", "fsdp"]
 PARALLELS: tuple[str, ...] = get_args(Parallel)
 
 # The built-in models (mupp.models.build) by the names every command and preset uses.
-ModelName = Literal["mlp", "resnet8", "resnet10", "resnet18", "vit"]
+ModelName = Literal["mlp", "resnet8", "resnet10", "resnet18", "vit", "gpt"]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 
 

@@ -16,7 +16,7 @@ initialization, diagnostics) ask these functions and never recompute a scale.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from . import theory
 from .choices import OPTIMIZER_KINDS, RULES, check_choice
@@ -29,10 +29,34 @@ def theory_role(info: WidthInfo) -> str | None:
 
 
 def multiplier_exponent(info: WidthInfo, weight_multipliers: Mapping[str, float] | None) -> float:
-    """Exponent ``a`` of the weight multiplier ``m^-a`` in front of this tensor (App. F.6)."""
-    if not weight_multipliers or info.role == "fixed":
+    """Exponent ``a`` of the weight multiplier ``m^-a`` in front of this tensor (App. F.6):
+    ``weight_multipliers[role]`` where given, else the one recorded with its base shapes
+    (``WidthInfo.multiplier``, e.g. by :func:`mupp.integrations.huggingface.prepare`)."""
+    if info.role == "fixed":
         return 0.0
-    return float(weight_multipliers.get(info.role, 0.0))
+    if weight_multipliers and info.role in weight_multipliers:
+        return float(weight_multipliers[info.role])
+    return info.multiplier
+
+
+def model_multipliers(
+    infos: Iterable[WidthInfo | None], weight_multipliers: Mapping[str, float] | None
+) -> dict[str, float]:
+    """``{role: a}`` of a whole model for the exponents of :mod:`mupp.theory` (App. F.6):
+    the recorded multipliers of its tensors, with ``weight_multipliers`` taking precedence.
+    Raises ``ValueError`` when two tensors of one role record different multipliers."""
+    out: dict[str, float] = {}
+    for info in infos:
+        if info is None or info.role == "fixed" or not info.multiplier:
+            continue
+        if out.setdefault(info.role, info.multiplier) != info.multiplier:
+            raise ValueError(
+                f"the {info.role}-like tensors record different weight multipliers "
+                f"({out[info.role]:g} and {info.multiplier:g} at {info.name}); the theory's "
+                "exponents are per role: pass weight_multipliers={role: a} to choose"
+            )
+    out.update(weight_multipliers or {})
+    return out
 
 
 def _ratio(info: WidthInfo) -> float:
@@ -62,11 +86,15 @@ def weight_decay_factor(
     return 1.0 / lr_factor(info, kind, weight_multipliers)
 
 
-def init_std_factor(info: WidthInfo) -> float:
+def init_std_factor(
+    info: WidthInfo, weight_multipliers: Mapping[str, float] | None = None
+) -> float:
     """Spectral init std relative to base: ``σ ∝ fan_in^{-1/2} min(1, sqrt(fan_out/fan_in))``
     (App. F.7), with the ``min`` taken as width grows: 1 for input-like tensors (``fan_in``
     fixed, so the first layer keeps a width-independent init, ``b_1 = 0``), ``sqrt(fan_out/
-    fan_in)`` for output-like ones (variance ``∝ 1/n²``), the exact ratio for hidden ones."""
+    fan_in)`` for output-like ones (variance ``∝ 1/n²``), the exact ratio for hidden ones.
+    A weight multiplier ``m^-a`` multiplies it by ``m^a`` (``(a, b) ~ (a + θ, b - θ)``,
+    App. F.6.1): a readout with output multiplier ``1/m`` keeps its base init."""
 
     def clipped(fi: float, fo: float) -> float:
         return min(1.0, math.sqrt(fo / fi))
@@ -77,7 +105,8 @@ def init_std_factor(info: WidthInfo) -> float:
         shape = clipped(info.fan_in, info.fan_out) / clipped(info.base_fan_in, info.base_fan_out)
     else:
         shape = 1.0
-    return info.fan_in_mult**-0.5 * shape
+    a = multiplier_exponent(info, weight_multipliers)
+    return info.fan_in_mult**-0.5 * shape * info.width_mult**a
 
 
 def perturbation_exponents(

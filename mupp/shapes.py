@@ -135,6 +135,9 @@ class WidthInfo:
     is_norm: bool = False
     layer_role: str = ""  # role of the owning module's weight (a readout's bias: "output")
     source: str = "layer"  # how the role was found: see ROLE_SOURCES
+    # exponent ``a`` of the weight multiplier ``m^-a`` that the model's forward pass applies to
+    # this tensor (App. F.6): 1 for a readout with output multiplier 1/m (mup's MuReadout)
+    multiplier: float = 0.0
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -262,18 +265,44 @@ def set_base_shapes(
     """Record width metadata for every parameter of ``model`` (paper App. F.5, F.7).
 
     ``base``: the base model (an ``nn.Module``, ideally built on the ``meta`` device), a dict of
-    shapes, or a mup ``.bsh`` file (``null`` marks a finite dimension).  ``delta``: a model of a
-    third width that tells which dimensions scale where model and base coincide.  ``None`` for
-    ``base`` means the model is its own base (all multipliers 1; roles need ``delta``).
+    shapes, or a mup ``.bsh`` file (``null`` marks a finite dimension; so does ``None`` in a
+    dict).  ``delta``: a model of a third width that tells which dimensions scale where model
+    and base coincide.  ``None`` for ``base`` means the model is its own base (all multipliers
+    1; roles need ``delta``).
 
     ``overrides`` maps a parameter-name glob to a role, or to a dict with any of ``role``,
-    ``fan_in_dims``, ``fan_out_dims`` for layouts the rules cannot infer.  Safe to call twice.
-    Returns ``model``.
+    ``fan_in_dims``, ``fan_out_dims`` (layouts the rules cannot infer) and ``multiplier`` (the
+    exponent ``a`` of a weight multiplier ``m^-a`` the forward pass applies, App. F.6).  Safe to
+    call twice; on an error the model is left as it was.  Returns ``model``.
     """
+    records = infer_base_shapes(model, base, delta, overrides)
+    _warn_guessed_roles(records)
+    attach_base_shapes(model, records)
+    if savefile is not None:
+        save_base_shapes(model, savefile)
+    return model
+
+
+def attach_base_shapes(model: nn.Module, records: Mapping[str, WidthInfo]) -> nn.Module:
+    """Record ``records`` (from :func:`infer_base_shapes`) as ``model``'s width metadata."""
+    model._mupp_shapes = dict(records)
+    return reattach(model)
+
+
+def infer_base_shapes(
+    model: nn.Module,
+    base: nn.Module | Mapping | str | os.PathLike | None,
+    delta: nn.Module | Mapping | None = None,
+    overrides: Mapping[str, str | Mapping[str, Any]] | None = None,
+) -> dict[str, WidthInfo]:
+    """The :class:`WidthInfo` of every parameter, by name, as :func:`set_base_shapes` would
+    record it; changes nothing (App. F.5, F.7)."""
     params = _named_params(model)
     shapes = {strip_prefixes(n): tuple(p.shape) for n, p, _, _ in params}
     base_shapes = shapes if base is None else _as_shapes(base, "base")
-    from_bsh = isinstance(base, (str, os.PathLike))
+    from_bsh = isinstance(base, (str, os.PathLike)) or any(
+        d is None for v in base_shapes.values() for d in v
+    )
     delta_shapes = None if delta is None else _as_shapes(delta, "delta")
     missing = sorted(set(shapes) - set(base_shapes))
     extra = sorted(set(base_shapes) - set(shapes))
@@ -287,58 +316,8 @@ def set_base_shapes(
     for full_name, _p, module, pname in params:
         name = strip_prefixes(full_name)
         shape = shapes[name]
-        bshape = base_shapes[name]
-        if len(bshape) != len(shape):
-            raise ValueError(f"{name}: base shape {bshape} has a different rank than {shape}")
-        if from_bsh:  # .bsh file: null marks finite dims
-            width = tuple(b is not None for b in bshape)
-            bshape = tuple(s if b is None else b for b, s in zip(bshape, shape))
-        else:
-            width = tuple(b != s for b, s in zip(bshape, shape))
-            if delta_shapes is not None:
-                dshape = delta_shapes.get(name)
-                if dshape is None or len(dshape) != len(shape):
-                    raise ValueError(f"delta does not match model at parameter {name}")
-                for i, (s_, b_, d_) in enumerate(zip(shape, bshape, dshape)):
-                    if s_ != b_ and d_ == b_:
-                        raise ValueError(
-                            f"{name}: dimension {i} is {s_} in the model and {b_} in base, but "
-                            f"{d_} in delta, which varies only the width: does base (or delta) "
-                            "have another input or output size than the model? Build them "
-                            "with the model's input and output sizes"
-                        )
-                width = tuple(w or (dd != b) for w, dd, b in zip(width, dshape, bshape))
-        in_dims, out_dims, source = _fan_dims(module, pname, len(shape), width)
-        ov = _match_override(overrides, name)
-        role = None
-        if isinstance(ov, str):
-            role, source = ov, "override"
-        elif ov is not None:
-            in_dims = tuple(ov.get("fan_in_dims", in_dims))
-            out_dims = tuple(ov.get("fan_out_dims", out_dims))
-            role, source = ov.get("role"), "override"
-        if role is not None:
-            check_choice(f"overrides[{name!r}]: role", role, ROLES)
-        fan_in = math.prod(shape[i] for i in in_dims)
-        fan_out = math.prod(shape[i] for i in out_dims)
-        bfan_in = math.prod(bshape[i] for i in in_dims)
-        bfan_out = math.prod(bshape[i] for i in out_dims)
-        if role is None:
-            role = _role(any(width[i] for i in in_dims), any(width[i] for i in out_dims))
-        info = WidthInfo(
-            name=name,
-            shape=shape,
-            base_shape=tuple(bshape),
-            width_dims=width,
-            fan_in=fan_in,
-            fan_out=fan_out,
-            base_fan_in=bfan_in,
-            base_fan_out=bfan_out,
-            role=role,
-            is_norm=isinstance(module, _NORM_TYPES),
-            source=source,
-        )
-        records[name] = info
+        bshape, width = _width_dims(name, shape, base_shapes[name], delta_shapes, from_bsh)
+        records[name] = _record(name, shape, bshape, width, module, pname, overrides)
     if not any(any(r.width_dims) for r in records.values()):
         raise ValueError(
             "set_base_shapes: no parameter has a dimension that grows with width (every shape "
@@ -347,12 +326,91 @@ def set_base_shapes(
             + "): build base (or delta) at another width than the model"
         )
     _set_layer_roles(records, params)
-    _warn_guessed_roles(records)
-    model._mupp_shapes = records
-    reattach(model)
-    if savefile is not None:
-        save_base_shapes(model, savefile)
-    return model
+    return records
+
+
+def _width_dims(
+    name: str,
+    shape: tuple[int, ...],
+    bshape: tuple[int | None, ...],
+    delta_shapes: Mapping[str, tuple[int, ...]] | None,
+    from_bsh: bool,
+) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """``(base shape, which dimensions grow with width)`` of one parameter."""
+    if len(bshape) != len(shape):
+        raise ValueError(f"{name}: base shape {bshape} has a different rank than {shape}")
+    if from_bsh:  # .bsh file: null marks finite dims
+        width = tuple(b is not None for b in bshape)
+        return tuple(s if b is None else b for b, s in zip(bshape, shape)), width
+    width = tuple(b != s for b, s in zip(bshape, shape))
+    if delta_shapes is not None:
+        dshape = delta_shapes.get(name)
+        if dshape is None or len(dshape) != len(shape):
+            raise ValueError(f"delta does not match model at parameter {name}")
+        for i, (s_, b_, d_) in enumerate(zip(shape, bshape, dshape)):
+            if s_ != b_ and d_ == b_:
+                raise ValueError(
+                    f"{name}: dimension {i} is {s_} in the model and {b_} in base, but "
+                    f"{d_} in delta, which varies only the width: does base (or delta) "
+                    "have another input or output size than the model? Build them "
+                    "with the model's input and output sizes"
+                )
+        width = tuple(w or (dd != b) for w, dd, b in zip(width, dshape, bshape))
+    return tuple(bshape), width
+
+
+def _record(
+    name: str,
+    shape: tuple[int, ...],
+    bshape: tuple[int, ...],
+    width: tuple[bool, ...],
+    module: nn.Module,
+    pname: str,
+    overrides: Mapping[str, Any],
+) -> WidthInfo:
+    """One parameter's :class:`WidthInfo`: fans from its layer's layout (or an override)."""
+    in_dims, out_dims, source = _fan_dims(module, pname, len(shape), width)
+    ov = _match_override(overrides, name)
+    role, multiplier = None, 0.0
+    if isinstance(ov, str):
+        role, source = ov, "override"
+    elif ov is not None:
+        unknown = set(ov) - {"role", "fan_in_dims", "fan_out_dims", "multiplier"}
+        if unknown:
+            raise ValueError(
+                f"overrides[{name!r}]: unknown keys {sorted(unknown)}; expected role, "
+                "fan_in_dims, fan_out_dims or multiplier"
+            )
+        in_dims = tuple(ov.get("fan_in_dims", in_dims))
+        out_dims = tuple(ov.get("fan_out_dims", out_dims))
+        role = ov.get("role")
+        multiplier = ov.get("multiplier", 0.0)
+        if not isinstance(multiplier, (int, float)) or isinstance(multiplier, bool):
+            raise ValueError(
+                f"overrides[{name!r}]: multiplier must be a number (the exponent a of m^-a); "
+                f"got {multiplier!r}"
+            )
+        source = (
+            "override" if ("role" in ov or "fan_in_dims" in ov or "fan_out_dims" in ov) else source
+        )
+    if role is not None:
+        check_choice(f"overrides[{name!r}]: role", role, ROLES)
+    if role is None:
+        role = _role(any(width[i] for i in in_dims), any(width[i] for i in out_dims))
+    return WidthInfo(
+        name=name,
+        shape=shape,
+        base_shape=tuple(bshape),
+        width_dims=width,
+        fan_in=math.prod(shape[i] for i in in_dims),
+        fan_out=math.prod(shape[i] for i in out_dims),
+        base_fan_in=math.prod(bshape[i] for i in in_dims),
+        base_fan_out=math.prod(bshape[i] for i in out_dims),
+        role=role,
+        is_norm=isinstance(module, _NORM_TYPES),
+        source=source,
+        multiplier=float(multiplier),
+    )
 
 
 def _set_layer_roles(records: dict[str, WidthInfo], params: list) -> None:
@@ -552,16 +610,23 @@ _BSH_HEADER = (
 )
 
 
-def save_base_shapes(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the model's base shapes as a mup-compatible ``.bsh`` YAML file."""
-    import yaml  # only here: `import mupp` stays free of optional file formats
-
+def base_shapes_table(model: nn.Module) -> dict[str, list[int | None]]:
+    """``{name: base shape}`` with ``None`` for finite dimensions: the content of a mup
+    ``.bsh`` file, which :func:`set_base_shapes` takes back as ``base``."""
     data = {}
     for full_name, p, _, _ in _named_params(model):
         info = require_info(p, f"{full_name}: ")
         data[strip_prefixes(full_name)] = [
             b if w else None for b, w in zip(info.base_shape, info.width_dims)
         ]
+    return data
+
+
+def save_base_shapes(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the model's base shapes as a mup-compatible ``.bsh`` YAML file."""
+    import yaml  # only here: `import mupp` stays free of optional file formats
+
+    data = base_shapes_table(model)
     with open(path, "w") as f:
         f.write(_BSH_HEADER + yaml.safe_dump(data, default_flow_style=None, sort_keys=False))
 

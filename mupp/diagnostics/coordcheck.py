@@ -35,7 +35,15 @@ from tqdm import tqdm
 from ..choices import JOINT_RULES
 from ..optim import SAM
 from ..shapes import get_info
-from .layers import apply_weight, capture, rms, spectral_norm, spectral_scale, weight_layers
+from .layers import (
+    apply_weight,
+    attention_logits,
+    capture,
+    rms,
+    spectral_norm,
+    spectral_scale,
+    weight_layers,
+)
 
 METRICS = ("pert_rms", "pert_rel_spec", "update_rms", "update_spec", "act_rms")
 
@@ -47,7 +55,7 @@ def measure_perturbation(
     ``second_step``/``restore`` (the weights are ``W + ε``)."""
     layers = weight_layers(model)
     with torch.no_grad(), capture(layers) as (inputs, _):
-        model(probe)
+        _forward(model, probe)
     out: dict[str, dict[str, float]] = {"pert_rms": {}, "pert_rel_spec": {}}
     for name, mod in layers:
         eps = opt.perturbation(mod.weight)
@@ -85,7 +93,7 @@ def measure_updates(
     """``update_rms``, ``update_spec`` and ``act_rms`` per layer at the current weights."""
     layers = weight_layers(model)
     with torch.no_grad(), capture(layers) as (_, outputs):
-        model(probe)
+        _forward(model, probe)
     out: dict[str, dict[str, float]] = {"update_rms": {}, "update_spec": {}, "act_rms": {}}
     for name, mod in layers:
         out["update_rms"][name] = rms(outputs[name] - init_outputs[name])
@@ -144,8 +152,8 @@ def measure_model(
             "model factory"
         )
     model.eval()  # BatchNorm: probe measurements use running statistics
-    with torch.no_grad(), capture(layers) as (_, outputs):
-        _forward(model, probe)
+    with torch.no_grad(), capture(layers) as (_, outputs), attention_logits() as attention0:
+        logits0 = _forward(model, probe)
     init_outputs = dict(outputs)
     init_weights = {n: m.weight.detach().clone() for n, m in layers}
     train_steps(model, opt, batches, steps, loss_fn)
@@ -163,7 +171,27 @@ def measure_model(
         denominator = {}
     result.update(measure_updates(model, probe, init_outputs, init_weights))
     result["denominator"] = denominator
+    model.eval()
+    with torch.no_grad(), attention_logits() as attention:
+        logits = _forward(model, probe)
+    result["outputs"] = output_metrics(logits0, logits, attention0, attention)
     return result
+
+
+def output_metrics(
+    logits0: torch.Tensor, logits: torch.Tensor, attention0: list[float], attention: list[float]
+) -> dict[str, float]:
+    """The model's output (the logits) at initialization, after training and its change, and
+    the RMS of each attention call's logits at both times (:func:`attention_logits`)."""
+    out = {
+        "logits at init": rms(logits0),
+        "logits": rms(logits),
+        "logits change": rms(logits - logits0),
+    }
+    for i, (a0, a) in enumerate(zip(attention0, attention)):
+        out[f"attention logits {i} at init"] = a0
+        out[f"attention logits {i}"] = a
+    return out
 
 
 def coord_data(
@@ -189,12 +217,14 @@ def coord_data(
     the layers are measured.  For each width and seed (``torch.manual_seed(seed)`` before the
     model is built): ``steps`` training steps, then every metric of :data:`METRICS` per layer.
 
-    Returns ``{"widths", "layers", "metrics", "slopes", "denominator", "config"}``:
+    Returns ``{"widths", "layers", "metrics", "slopes", "denominator", "outputs", "config"}``:
     ``metrics[metric][layer]`` holds one mean over seeds per width, ``slopes`` the fitted width
     exponents; the paper's prediction for μP² is an exponent of 0 for ``pert_rms`` in every
     layer (Sec. 3, Fig. 2).  ``denominator`` (LP/DP only, else empty) holds the ascent step's
     joint norm per role and in total, ``{"values": {key: [mean per width]}, "slopes": {...}}``
-    (:func:`measure_denominator`).
+    (:func:`measure_denominator`).  ``outputs`` holds the model's logits at initialization,
+    after training and their change, and each attention call's logits
+    (:func:`output_metrics`), in the same form.
     """
     widths = list(widths)
     if len(widths) < 2:
@@ -237,6 +267,12 @@ def coord_data(
         for k in keys
     }
     denominator = {"values": values, "slopes": {k: slope(widths, v) for k, v in values.items()}}
+    out_keys = list(results[widths[0]][0]["outputs"])
+    out_values = {
+        k: [float(np.mean([r["outputs"].get(k, 0.0) for r in results[w]])) for w in widths]
+        for k in out_keys
+    }
+    outputs = {"values": out_values, "slopes": {k: slope(widths, v) for k, v in out_values.items()}}
     cfg = {"steps": steps, "seeds": seeds, **dict(config or {})}
     return {
         "widths": widths,
@@ -244,6 +280,7 @@ def coord_data(
         "metrics": metrics,
         "slopes": slopes,
         "denominator": denominator,
+        "outputs": outputs,
         "config": cfg,
     }
 
@@ -279,6 +316,10 @@ def format_tables(result: dict[str, Any]) -> str:
     for m in METRICS:
         rows = {layer: result["metrics"][m][layer] for layer in result["layers"]}
         lines += _table(m, "layer", widths, rows, result["slopes"][m])
+    outs = result.get("outputs") or {}
+    if outs.get("values"):
+        title = "model outputs (RMS on the probe batch; attention logits: scale · q kᵀ)"
+        lines += _table(title, "quantity", widths, outs["values"], outs["slopes"])
     den = result.get("denominator") or {}
     if den.get("values"):
         title = "denominator (joint norm of the ascent step, Def. 4: every ε is divided by it)"

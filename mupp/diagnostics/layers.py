@@ -5,7 +5,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..shapes import get_info, reattach
@@ -44,13 +43,9 @@ def capture(layers: list[tuple[str, nn.Module]]):
 
 
 def apply_weight(mod: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The layer's linear map with ``weight`` in place of its own, without bias: ``W x``."""
-    if isinstance(mod, nn.Linear):
-        return F.linear(x, weight)
-    if isinstance(mod, nn.modules.conv._ConvNd):
-        return mod._conv_forward(x, weight, None)
-    if isinstance(mod, nn.Embedding):
-        return F.embedding(x, weight)
+    """The layer's map with ``weight`` in place of its own and every other parameter of the
+    layer zeroed (no bias): ``W x``, times whatever the layer's forward pass and its forward
+    hooks multiply its output by (a readout's ``1/m`` output multiplier, App. F.6)."""
     params = {n: torch.zeros_like(p) for n, p in mod.named_parameters(recurse=False)}
     params["weight"] = weight
     return torch.func.functional_call(mod, params, (x,))
@@ -85,3 +80,35 @@ def spectral_scale(mod: nn.Module) -> float:
     """``sqrt(fan_out/fan_in)`` relative to base: the spectral condition's scale (Eq. (*))."""
     info = get_info(mod.weight)
     return (info.fan_out_mult / info.fan_in_mult) ** 0.5
+
+
+class _AttentionLogits(torch.overrides.TorchFunctionMode):
+    """Records the RMS of ``scale · q kᵀ`` at every ``scaled_dot_product_attention`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rms: list[float] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q, k = args[0], args[1]
+            scale = kwargs.get("scale")
+            if scale is None:
+                scale = q.shape[-1] ** -0.5
+            if k.ndim == q.ndim >= 3 and k.shape[-3] != q.shape[-3]:  # grouped-query attention
+                k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+            with torch.no_grad():
+                self.rms.append(rms((q @ k.transpose(-2, -1)) * scale))
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def attention_logits():
+    """Within the block, ``rms`` (the yielded list) gets the RMS of the attention logits
+    ``scale · q kᵀ`` of every ``torch.nn.functional.scaled_dot_product_attention`` call, in call
+    order: the attention modules of mupp's GPT and ViT, and of transformers' models under their
+    default ``sdpa`` implementation (an eager implementation is not seen)."""
+    mode = _AttentionLogits()
+    with mode:
+        yield mode.rms

@@ -16,15 +16,19 @@ import torch
 
 from ..choices import MODEL_NAMES, ModelName, check_choice
 from ..diagnostics.coordcheck import coord_data, slope, train_steps
+from ..diagnostics.verify import default_loss
 from ..models import build
 from ..optim import SAM
 from . import data as data_mod
 
 # base widths of the built-in checks (a ResNet's width is its first stage's channel count)
-DEFAULT_BASE = {"mlp": 64, "resnet8": 8, "resnet10": 8, "resnet18": 8, "vit": 32}
+DEFAULT_BASE = {"mlp": 64, "resnet8": 8, "resnet10": 8, "resnet18": 8, "vit": 32, "gpt": 64}
+# the GPT of the built-in checks: 2 blocks of 4 heads on random characters (Tiny Shakespeare's
+# alphabet size) in contexts of 32
+GPT_CHECK = dict(n_layer=2, n_head=4, block_size=32, vocab_size=65)
 
 
-def _build(
+def check_model(
     model: str, width: float, base: float, num_classes: int, sp: bool = False
 ) -> torch.nn.Module:
     """The model at ``width``; with ``sp`` the MLP gets standard (He, readout ``1/fan_in``)
@@ -36,7 +40,19 @@ def _build(
         return net
     if model == "vit":
         return build("vit", width, base, depth=2, heads=2, num_classes=num_classes, patch=8)
+    if model == "gpt":
+        return build("gpt", width, base, **GPT_CHECK)
     return build(model, width, base, num_classes=num_classes)
+
+
+def token_batches(
+    vocab_size: int, batch_size: int, seq_len: int, gen: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Random token sequences without end, ``(inputs (batch, seq_len), next tokens)``: the
+    stream of a language model's coordinate check, in the order ``gen`` draws."""
+    while True:
+        x = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=gen)
+        yield x[:, :-1], x[:, 1:]
 
 
 def _train(
@@ -57,7 +73,9 @@ def _train(
     """Build and train one width of a built-in model for ``steps`` SAM steps (``rho = 0``:
     plain μP SGD)."""
     torch.manual_seed(seed)
-    model = _build(model_name, width, base_width, dataset.num_classes, sp=parameterization == "sp")
+    model = check_model(
+        model_name, width, base_width, dataset.num_classes, sp=parameterization == "sp"
+    )
     opt = sgd_sam(model, parameterization, variant, rule, lr, rho)
     gen = torch.Generator().manual_seed(seed)
     batches = infinite_batches(dataset, batch_size, gen, model_name == "mlp")
@@ -106,6 +124,8 @@ def last_layer_equivalence(
     It shrinks as width grows."""
     if len(widths) < 2:
         raise ValueError(f"widths needs at least 2 entries to fit a slope; got {list(widths)}")
+    if model == "gpt":
+        raise ValueError("--compare-last-layer runs on the image models; the gpt is not one")
     base = DEFAULT_BASE[model] if base_width is None else base_width
     ds = data_mod.load(dataset, data_dir)
     probe = _probe(model, ds)
@@ -194,16 +214,30 @@ def coordcheck(
         batch_size=batch_size,
         dataset=dataset,
     )
+    if model == "gpt":
+        config["dataset"] = "random tokens"
+
+        def batches(seed: int) -> Iterator:
+            gen = torch.Generator().manual_seed(seed)
+            return token_batches(GPT_CHECK["vocab_size"], batch_size, GPT_CHECK["block_size"], gen)
+
+        probe = None  # the first batch
+    else:
+
+        def batches(seed: int) -> Iterator:
+            gen = torch.Generator().manual_seed(seed)
+            return infinite_batches(ds, batch_size, gen, model == "mlp")
+
+        probe = _probe(model, ds)
     return coord_data(
-        lambda w: _build(model, w, base, ds.num_classes, sp=parameterization == "sp"),
+        lambda w: check_model(model, w, base, ds.num_classes, sp=parameterization == "sp"),
         widths,
         lambda m: sgd_sam(m, parameterization, variant, rule, lr, rho),
-        lambda seed: infinite_batches(
-            ds, batch_size, torch.Generator().manual_seed(seed), model == "mlp"
-        ),
+        batches,
         steps=steps,
         seeds=seeds,
-        probe=_probe(model, ds),
+        probe=probe,
+        loss_fn=default_loss,
         progress=progress,
         config=config,
     )

@@ -305,6 +305,48 @@ def _add_coordcheck(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=commands.cmd_coordcheck)
 
 
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    """``mupp verify``."""
+    v = sub.add_parser(
+        "verify", help="is the model μP, and does μP² perturb every layer? (exit 0 pass, 1 fail)"
+    )
+    v.add_argument(
+        "--model",
+        default="gpt",
+        help=" | ".join(MODEL_NAMES) + ", or MODULE:FUNCTION, your width -> model factory (base "
+        "shapes set; Hugging Face: mupp.integrations.huggingface.prepare), e.g. mypkg.models:make",
+    )
+    v.add_argument("--widths", type=float_list, default=[64, 128, 256, 512])
+    v.add_argument("--base-width", type=float, default=None, help="built-in models only")
+    v.add_argument("--parameterization", default="mupp", choices=PARAMETERIZATIONS)
+    v.add_argument("--variant", default="sam", choices=VARIANTS)
+    v.add_argument("--rule", default="DP", choices=RULES)
+    v.add_argument(
+        "--optimizer",
+        default="auto",
+        choices=["auto", "adamw", "sgd"],
+        help="base optimizer (auto: AdamW for token models and the ViT, else SGD)",
+    )
+    v.add_argument("--lr", type=float, default=None, help="default: 3e-3 (AdamW), 0.05 (SGD)")
+    v.add_argument("--rho", type=float, default=0.05)
+    v.add_argument("--steps", type=int, default=5)
+    v.add_argument("--seeds", type=int, default=2)
+    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument(
+        "--inputs",
+        default="auto",
+        choices=["auto", "images", "tokens"],
+        help="auto: random tokens if the model has an Embedding, else --dataset's images",
+    )
+    v.add_argument("--seq-len", type=int, default=16, help="token inputs: sequence length")
+    v.add_argument("--dataset", default="synthetic", choices=["cifar10", "cifar100", "synthetic"])
+    v.add_argument("--data-dir", default=None)
+    v.add_argument("--flatten", action="store_true", help="feed images as vectors")
+    v.add_argument("--json", default=None, help="write the report and measurements as JSON")
+    v.add_argument("--no-progress", action="store_true")
+    v.set_defaults(func=commands.cmd_verify)
+
+
 def _add_stats(sub: argparse._SubParsersAction) -> None:
     """``mupp stats``."""
     st = sub.add_parser(
@@ -339,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_theory,
         _add_models,
         _add_coordcheck,
+        _add_verify,
         _add_stats,
         _add_train,
         _add_sweep,

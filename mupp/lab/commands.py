@@ -18,12 +18,22 @@ import torch
 from .. import theory
 from ..choices import MODEL_NAMES
 from ..diagnostics.coordcheck import coord_data, format_tables
+from ..diagnostics.verify import verify
 from ..distributed import world
 from ..models import build, count_params
+from ..optim import SAM
 from . import data
 from .analysis import format_transfer, rows_from_records, transfer_summary
 from .checkpoint import discard_run
-from .checks import coordcheck, infinite_batches, last_layer_equivalence, sgd_sam
+from .checks import (
+    DEFAULT_BASE,
+    check_model,
+    coordcheck,
+    infinite_batches,
+    last_layer_equivalence,
+    sgd_sam,
+    token_batches,
+)
 from .config import TrainConfig, load_config_file, load_preset
 from .plots import plot_coordcheck, plot_sweep
 from .statistics import format_statistics, run_statistics
@@ -102,6 +112,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         "resnet10": dict(widths=args.widths or [32, 64, 128], base=32),
         "resnet8": dict(widths=args.widths or [16, 32, 64], base=32),
         "vit": dict(widths=args.widths or [192, 384, 768], base=384),
+        "gpt": dict(widths=args.widths or [64, 128, 256, 512], base=64),
     }
     print(f"{'model':<10} {'width':>8} {'parameters':>14}")
     for name, spec in specs.items():
@@ -204,6 +215,106 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
     print(format_tables(result))
     _write_coordcheck(result, args)
     return 0
+
+
+def _verify_setup(args: argparse.Namespace) -> tuple[Callable, Callable[[int], Any], str]:
+    """``(make(width), batches(seed), optimizer)`` of ``mupp verify``: a built-in model or the
+    user's factory, images or random tokens (a model whose first layer is an Embedding)."""
+    if ":" in args.model:
+        make = load_factory(args.model)
+    elif args.model in MODEL_NAMES:
+        base = DEFAULT_BASE[args.model] if args.base_width is None else args.base_width
+
+        def make(w: float) -> torch.nn.Module:
+            return check_model(args.model, w, base, 10)
+
+    else:
+        raise ValueError(
+            f"--model must be one of {MODEL_NAMES} or MODULE:FUNCTION; got {args.model!r}"
+        )
+    first = make_checked(make, args.widths[0])
+    emb = next((m for m in first.modules() if isinstance(m, torch.nn.Embedding)), None)
+    tokens = emb is not None if args.inputs == "auto" else args.inputs == "tokens"
+    optimizer = args.optimizer
+    if optimizer == "auto":
+        optimizer = "adamw" if tokens or args.model == "vit" else "sgd"
+    if tokens:
+        if emb is None:
+            raise ValueError("--inputs tokens needs a model whose first layer is an nn.Embedding")
+        vocab = emb.num_embeddings
+
+        def batches(seed: int):
+            gen = torch.Generator().manual_seed(seed)
+            return token_batches(vocab, args.batch_size, args.seq_len, gen)
+
+        return make, batches, optimizer
+    ds = data.load(args.dataset, args.data_dir)
+    flatten = args.flatten or args.model == "mlp"
+
+    def image_batches(seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        return infinite_batches(ds, args.batch_size, gen, flatten)
+
+    return make, image_batches, optimizer
+
+
+def make_checked(make: Callable, width: float) -> torch.nn.Module:
+    """``make(width)``, refused in one line when it raises or returns no ``nn.Module``."""
+    try:
+        model = make(int(width) if float(width).is_integer() else width)
+    except Exception as e:  # the user's factory: any failure is theirs to see in one line
+        raise ValueError(f"--model: the factory raised {type(e).__name__}: {e}") from e
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(
+            f"--model: the factory returned {type(model).__name__} for width {width:g}, not an "
+            "nn.Module"
+        )
+    return model
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``mupp verify``: is the model μP, and does μP² perturb every layer (Sec. 3, Fig. 2)?
+    Exits 0 on a pass and 1 on a fail."""
+    if len(args.widths) < 3:
+        raise ValueError(f"--widths needs at least 3 widths; got {args.widths}")
+    make, batches, optimizer = _verify_setup(args)
+    base_opt = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
+    lr = args.lr if args.lr is not None else (3e-3 if optimizer == "adamw" else 0.05)
+    extra = {"weight_decay": 0.0} if optimizer == "adamw" else {}
+
+    def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+        return SAM(
+            model.parameters(),
+            base_opt,
+            lr=lr,
+            rho=args.rho,
+            parameterization=args.parameterization,
+            variant=args.variant,
+            rule=args.rule,
+            **extra,
+        )
+
+    widths = [int(w) if float(w).is_integer() else w for w in args.widths]
+    report = verify(
+        lambda w: make_checked(make, w),
+        widths,
+        make_optimizer,
+        batches,
+        steps=args.steps,
+        seeds=args.seeds,
+        progress=not args.no_progress,
+    )
+    print(report)
+    print(
+        f"(mupp verify: {optimizer} lr={lr:g}, rho={args.rho:g}, {args.parameterization}/"
+        f"{args.variant}/{args.rule}, {args.steps} steps, {args.seeds} seeds)"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ok": report.ok, "problems": report.problems, "notes": report.notes,
+                       "data": report.data}, f, indent=1)  # fmt: skip
+        print(f"wrote {args.json}")
+    return 0 if report.ok else 1
 
 
 def _write_coordcheck(result: dict, args: argparse.Namespace) -> None:

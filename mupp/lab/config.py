@@ -122,6 +122,12 @@ class TrainConfig:
 
     def _check_choices(self) -> None:
         check_choice("model", self.model, MODEL_NAMES)
+        if self.model == "gpt":
+            raise ValueError(
+                "model 'gpt' trains on text, and mupp train's datasets are images (cifar10, "
+                "cifar100, synthetic): use mupp.models.GPT in your own loop, or check it with "
+                "mupp verify --model gpt"
+            )
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("parameterization", self.parameterization, PARAMETERIZATIONS)
         check_choice("variant", self.variant, VARIANTS)

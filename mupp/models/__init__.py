@@ -1,4 +1,4 @@
-"""μP-ready models: the paper's MLP, CIFAR ResNets and a ViT (App. G)."""
+"""μP-ready models: the paper's MLP, CIFAR ResNets and a ViT (App. G), and a GPT."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import nn
 
 from ..choices import MODEL_NAMES, ModelName, check_choice
 from ._base import count_params
+from .gpt import GPT, GPTConfig
 from .mlp import MLP
 from .resnet import RESNET_STEM, ResNet, ResNet8, ResNet10, ResNet18
 from .vit import ViT
@@ -21,6 +22,7 @@ WIDTH_UNITS = {
     "resnet10": "channels of the first stage",
     "resnet18": "channels of the first stage",
     "vit": "embedding dimensions",
+    "gpt": "embedding dimensions",
 }
 
 
@@ -49,6 +51,8 @@ def build(name: ModelName, width: int, base_width: int | None = None, **kw: Any)
         return MLP(int(width), base_width=int(base_width) if base_width else None, **kw)
     if name == "vit":
         return ViT(width=int(width), base_width=int(base_width) if base_width else None, **kw)
+    if name == "gpt":
+        return GPT(width=int(width), base_width=int(base_width) if base_width else None, **kw)
     fn = {"resnet18": ResNet18, "resnet10": ResNet10, "resnet8": ResNet8}[name]
     if base_width is not None:
         kw["base_width_mult"] = base_width / RESNET_STEM
@@ -62,6 +66,8 @@ __all__ = [
     "ResNet10",
     "ResNet8",
     "ViT",
+    "GPT",
+    "GPTConfig",
     "build",
     "count_params",
     "MODELS",

@@ -203,6 +203,8 @@ class SAM(torch.optim.Optimizer):
         if perturb is not None:
             roles = {infos[id(p)].role for p in all_params if selected[id(p)]} - {"fixed"}
         self.exponents = None
+        # a multiplier recorded with the base shapes (a prepared readout) counts as if given
+        self.weight_multipliers = scaling.model_multipliers(infos.values(), self.weight_multipliers)
         if self.parameterization != "sp":
             self.exponents = scaling.perturbation_exponents(
                 theory_variant, self.parameterization, roles or None, self.weight_multipliers
