@@ -44,9 +44,16 @@ def is_fsdp(model: nn.Module) -> bool:
 def shard_model(model: nn.Module) -> nn.Module:
     """FSDP2: ``fully_shard`` every submodule that owns parameters, then the root; the width
     metadata is re-attached to the sharded parameters (roles and fans keep the global shapes).
-    Build the optimizer after this call: sharding replaces the parameters."""
+    A parameter owned by several modules (a readout tied to the input embedding) is left to
+    the root's group, which holds it for both uses.  Build the optimizer after this call:
+    sharding replaces the parameters."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
     for name, module in model.named_modules():
-        if name and any(True for _ in module.parameters(recurse=False)):
+        own = list(module.parameters(recurse=False))
+        if name and own and all(owners[id(p)] == 1 for p in own):
             fully_shard(module)
     fully_shard(model)
     return reattach(model)

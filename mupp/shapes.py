@@ -277,6 +277,7 @@ def set_base_shapes(
     """
     records = infer_base_shapes(model, base, delta, overrides)
     _warn_guessed_roles(records)
+    _warn_tied_readouts(model)
     attach_base_shapes(model, records)
     if savefile is not None:
         save_base_shapes(model, savefile)
@@ -445,6 +446,32 @@ def _warn_guessed_roles(records: Mapping[str, WidthInfo]) -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+def _warn_tied_readouts(model: nn.Module) -> None:
+    """Say once when an embedding's weight is also a readout's (tied embeddings) and that
+    readout has no output multiplier: its role is the embedding's (input-like), right for its
+    learning rate, but μP also needs ``1/m`` on the logits (mup's ``MuSharedReadout``)."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        w = module._parameters.get("weight")
+        if isinstance(w, nn.Parameter):
+            owners.setdefault(id(w), []).append((mname, module))
+    for uses in owners.values():
+        if not any(isinstance(m, nn.Embedding) for _, m in uses):
+            continue
+        for name, m in uses:
+            multiplied = getattr(m, "output_mult", 1.0) != 1.0 or hasattr(m, "_mupp_output_mult")
+            if not isinstance(m, nn.Embedding) and not multiplied:
+                warnings.warn(
+                    f"mupp.set_base_shapes: {name} is tied to an embedding and has no 1/width "
+                    "output multiplier: the logits will grow with width (not μP). Multiply its "
+                    "output by 1/width_mult (Hugging Face: mupp.integrations.huggingface."
+                    "prepare(model, base)); mupp.diagnostics.verify checks the result.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return
 
 
 def _match_override(overrides: Mapping[str, Any], name: str) -> Any:

@@ -24,6 +24,12 @@ def shared_data_dir():
     return SHARED if (SHARED / "cifar10.npz").exists() else None
 
 
+@pytest.fixture
+def cifar_dir():
+    """The directory holding CIFAR-10 (``../shared/datasets``), or None where it is absent."""
+    return shared_data_dir()
+
+
 def mlp(width: int, d_in: int = 12, d_out: int = 5, bias: bool = False) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(d_in, width, bias=bias),
@@ -60,3 +66,19 @@ def init_gloo(rank: int, world: int, init_file: str) -> None:
         world_size=world,
         timeout=timedelta(seconds=120),
     )
+
+
+def tiny_llama(
+    width: int, *, vocab: int = 64, layers: int = 1, heads: int = 4, kv_heads: int = 2,
+    tie: bool = False, positions: int = 32,
+):  # fmt: skip
+    """A tiny Hugging Face ``LlamaForCausalLM`` (grouped-query attention when ``kv_heads <
+    heads``, SwiGLU of ``2 * width``) at ``width``."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=positions, tie_word_embeddings=tie,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg)

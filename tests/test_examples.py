@@ -37,7 +37,15 @@ def test_timm_style_vit_example():
 def test_hf_gpt2_example():
     out = run("hf_gpt2_samtrainer.py", "transformers", "accelerate")
     assert "trained 4 SAM steps; skipped 0" in out
+    assert "verify: μP" in out  # prepare made the stock GPT-2 μP
     assert "transformer.h.0.attn.c_attn.weight  128x384  hidden  layer   128     384" in out
+
+
+def test_hf_llama_example():
+    out = run("hf_llama_sam.py", "transformers")
+    assert "stock + set_base_shapes: " in out and "problems" in out.split("prepare:")[0]
+    assert "prepare: μP" in out and "weight multipliers: {'output': 1.0}" in out
+    assert "step 2: loss" in out
 
 
 def test_lightning_example():

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 import torch.nn.functional as F
-from conftest import init_gloo, mlp, prepared_mlp, step_data
+from conftest import init_gloo, mlp, prepared_mlp, step_data, tiny_llama
 
 import mupp
 from mupp.distributed import sam_passes
@@ -154,3 +154,60 @@ def test_mupp_train_fsdp_sharded_checkpoints_resume(tmp_path):
     got = json.loads((other / "result.json").read_text())["history"]
     assert got[0] == want[0] and len(got) == 2
     assert got[1]["train_loss"] == pytest.approx(want[1]["train_loss"], rel=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# a Hugging Face model made μP by prepare, sharded with mupp.distributed.shard_model
+# --------------------------------------------------------------------------------------------
+
+
+def _hf_model(tie):
+    from mupp.integrations.huggingface import prepare
+
+    def llama(w):
+        return tiny_llama(w, vocab=32, heads=2, kv_heads=1, tie=tie, positions=16)
+
+    torch.manual_seed(0)
+    model = llama(32)
+    with torch.device("meta"):
+        base, delta = llama(8), llama(16)
+    return prepare(model, base, delta, zero_init=False)
+
+
+def _hf_batch(step, rank=None):
+    ids = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(step))
+    return ids if rank is None else ids[rank * 2 : (rank + 1) * 2]
+
+
+def _hf_sam(model):
+    return mupp.SAM(model.parameters(), torch.optim.AdamW, lr=1e-2, rho=0.1, rule="DP", model=model)
+
+
+def _hf_worker(rank, world, init_file, out_file, tie):
+    from mupp.distributed import shard_model
+
+    init_gloo(rank, world, init_file)
+    model = shard_model(_hf_model(tie))
+    opt = _hf_sam(model)
+    for step in range(STEPS):
+        ids = _hf_batch(step, rank)
+        sam_passes(model, opt, lambda ids=ids: model(input_ids=ids, labels=ids).loss)
+    full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save(full, out_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_fsdp2_on_a_prepared_hf_model_equals_one_process(tmp_path, tie):
+    pytest.importorskip("transformers")
+    tmp.spawn(_hf_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt"), tie), nprocs=2)
+    got = torch.load(tmp_path / "out.pt")
+    model = _hf_model(tie)
+    opt = _hf_sam(model)
+    for step in range(STEPS):
+        ids = _hf_batch(step)
+        sam_passes(model, opt, lambda ids=ids: model(input_ids=ids, labels=ids).loss)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.detach(), rtol=1e-5, atol=1e-5)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mupp
-from mupp.models import MLP, ResNet8, ResNet18, ViT, build, count_params
+from mupp.models import GPT, MLP, GPTConfig, ResNet8, ResNet18, ViT, build, count_params
 
 
 def roles(model):
@@ -130,3 +130,75 @@ def test_build_width_is_the_models_own_width_everywhere():
     assert count_params(build("resnet18", 64, None)) == count_params(ResNet18(1.0, None))
     with pytest.raises(ValueError, match="first stage, a whole number; got 0.25"):
         build("resnet8", 0.25)
+
+
+# --------------------------------------------------------------------------------------------
+# GPT
+# --------------------------------------------------------------------------------------------
+
+
+def small_gpt(width=64, base=16, **kw):
+    return GPT(width=width, base_width=base, n_layer=1, n_head=2, block_size=8, vocab_size=11, **kw)
+
+
+def test_gpt_shapes_roles_and_mup_attention():
+    torch.manual_seed(0)
+    model = small_gpt(64, 16)
+    logits = model(torch.randint(0, 11, (3, 8)))
+    assert logits.shape == (3, 8, 11)
+    roles = {r["name"]: r["role"] for r in mupp.describe(model)}
+    assert roles["wte.weight"] == "input" and "readout.weight" not in roles  # tied: one tensor
+    assert roles["blocks.0.attn.qkv.weight"] == "hidden" and roles["ln_f.weight"] == "input"
+    attn = model.blocks[0].attn
+    assert attn.scaling == pytest.approx(8**0.5 / 32)  # 1/d_head, = 1/sqrt(8) at base width
+    assert model.output_mult == pytest.approx(16 / 64)
+    assert model.blocks[0].attn.qkv.weight[:64].abs().sum() == 0  # zero query (App. G)
+
+
+def test_gpt_untied_readout_records_its_multiplier_and_trains_like_an_input_layer():
+    model = small_gpt(64, 16, tie_readout=False)
+    info = mupp.get_info(model.readout.weight)
+    assert info.role == "output" and info.multiplier == 1.0
+    assert model.readout.weight.abs().sum() == 0
+    opt = mupp.MuAdamW(model.parameters(), lr=1e-3)
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr[id(model.readout.weight)] == pytest.approx(1e-3)  # (1/m) m^a, a = 1
+    assert lr[id(model.blocks[0].fc.weight)] == pytest.approx(1e-3 / 4)
+    sam = mupp.SAM(model.parameters(), torch.optim.AdamW, lr=1e-3, rho=0.1)
+    assert sam.exponents == (-0.5, {"hidden": 0.5, "input": -0.5, "output": -0.5})  # F.12 (b)
+
+
+def test_gpt_at_base_width_is_the_standard_model():
+    torch.manual_seed(0)
+    mu = small_gpt(16, 16, zero_init=False)
+    torch.manual_seed(0)
+    sp = GPT(
+        width=16, base_width=None, n_layer=1, n_head=2, block_size=8, vocab_size=11, zero_init=False
+    )
+    x = torch.randint(0, 11, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(mu(x), sp(x))
+    assert sp.blocks[0].attn.scaling == pytest.approx(8**-0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(width=30, n_head=4), "width \\(30\\) must be divisible by n_head"),
+        (dict(n_layer=0), "n_layer must be a positive whole number"),
+        (dict(dropout=1.0), "dropout must be in"),
+    ],
+)
+def test_gpt_config_refuses_bad_shapes(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**kwargs)
+
+
+def test_gpt_refuses_a_sequence_longer_than_its_block():
+    with pytest.raises(ValueError, match="exceeds block_size 8"):
+        small_gpt()(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_gpt_is_a_built_in_model():
+    assert isinstance(build("gpt", 128, 64), GPT)
+    assert mupp.get_info(build("gpt", 128, 64).wte.weight).width_mult == 2

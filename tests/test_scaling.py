@@ -159,3 +159,17 @@ def test_bad_arguments_name_themselves():
         factors("hidden", 4.0, "lp", "mupp")
     with pytest.raises(ValueError, match="kind must be one of"):
         scaling.lr_factor(info("hidden", 4.0), "lion")
+
+
+def test_a_recorded_multiplier_drives_lr_init_and_model_exponents():
+
+    info = WidthInfo("w", (5, 64), (5, 16), (False, True), 64, 5, 16, 5, "output", multiplier=1.0)
+    m = 4.0
+    assert scaling.lr_factor(info, "adam") == pytest.approx(1.0)  # (1/m) m^a
+    assert scaling.lr_factor(info, "sgd") == pytest.approx(m)  # (1/m) m^{2a}
+    assert scaling.init_std_factor(info) == pytest.approx(m**-0.5 * m**-0.5 * m)  # base init
+    assert scaling.model_multipliers([info, None], None) == {"output": 1.0}
+    assert scaling.model_multipliers([info], {"output": 0.5}) == {"output": 0.5}  # given wins
+    other = WidthInfo("v", (5, 64), (5, 16), (False, True), 64, 5, 16, 5, "output", multiplier=0.5)
+    with pytest.raises(ValueError, match="record different weight multipliers"):
+        scaling.model_multipliers([info, other], None)

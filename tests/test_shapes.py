@@ -256,3 +256,39 @@ def test_mup_prepared_model_is_accepted_and_lrs_match_mup():
         assert po.keys() == pt.keys()
         for k in po:
             assert po[k] == pytest.approx(pt[k]), name
+
+
+def test_override_records_a_weight_multiplier_and_a_bsh_dict_round_trips():
+    model = prepared_mlp_with_readout_multiplier()
+    info = mupp.get_info(model[-1].weight)
+    assert info.multiplier == 1.0 and info.role == "output"
+    table = mupp.shapes.base_shapes_table(model)
+    assert table["0.weight"] == [8, None]  # None: a finite dimension, as in a .bsh file
+    again = nn.Sequential(
+        nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)
+    )
+    mupp.set_base_shapes(again, table)
+    assert [r["role"] for r in mupp.describe(again)] == [r["role"] for r in mupp.describe(model)]
+
+
+def prepared_mlp_with_readout_multiplier():
+    def make(w):
+        return nn.Sequential(
+            nn.Linear(12, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 5)
+        )
+
+    model = make(32)
+    return mupp.set_base_shapes(model, make(8), overrides={"4.weight": {"multiplier": 1.0}})
+
+
+def test_infer_base_shapes_changes_nothing_and_overrides_are_checked():
+    model = nn.Sequential(nn.Linear(12, 32), nn.Linear(32, 5))
+    records = mupp.shapes.infer_base_shapes(model, nn.Sequential(nn.Linear(12, 8), nn.Linear(8, 5)))
+    assert records["1.weight"].role == "output" and mupp.get_info(model[0].weight) is None
+    with pytest.raises(ValueError, match="unknown keys \\['multplier'\\]"):
+        mupp.set_base_shapes(model, nn.Sequential(nn.Linear(12, 8), nn.Linear(8, 5)),
+                             overrides={"1.weight": {"multplier": 1}})  # fmt: skip
+    with pytest.raises(ValueError, match="multiplier must be a number"):
+        mupp.set_base_shapes(model, nn.Sequential(nn.Linear(12, 8), nn.Linear(8, 5)),
+                             overrides={"1.weight": {"multiplier": "1"}})  # fmt: skip
+    assert mupp.get_info(model[0].weight) is None  # a refused call attaches nothing

@@ -30,9 +30,12 @@ from ..shapes import get_info
 from .coordcheck import Batch, coord_data, format_tables
 
 # |width exponent| allowed for a quantity that must stay flat, and the growth allowed for one
-# that must not grow.  The correct models' largest deviation over widths 64-512 with 2 seeds
-# and 5 steps is about 0.25; the failures they must catch are +0.5 (1/sqrt(d_head) attention,
-# a readout without 1/m) and more.
+# that must not grow.  Largest deviation of the models that are μP by construction (widths
+# 64-512, 2 seeds, 5 steps, measured on 2 CPU cores, 2026-12-02): mupp's GPT 0.08 (tied) /
+# 0.13 (untied), prepared GPT-2 0.22, prepared Llama 0.33 (AdamW lr 1e-2), ViT 0.30 (AdamW),
+# MLP 0.21 (SGD), ResNet-8 0.10 (DP, CIFAR-10, widths 16-64, 10 steps).  What it must catch:
+# 1/sqrt(d_head) attention (attention logits +0.9 to +1.1), a readout without 1/m (logits
+# +0.47 to +0.5 at init, +0.4 to +0.9 in their change), a fixed init std (+0.35 to +1.2).
 TOLERANCE = 0.35
 
 _ATTENTION_HINT = (
@@ -161,13 +164,21 @@ def _problems(
     out: list[str] = []
     notes: list[str] = []
     slopes = data["outputs"]["slopes"]
+
+    def attention_tol(key: str) -> float:
+        # after a few steps from a zero-initialized query the attention logits are small and
+        # their exponent is noisy: twice the tolerance (1/sqrt(d_head) scaling shows +0.9..+1.1)
+        return tol if key.endswith("at init") else 2 * tol
+
     attention_grows = any(
-        k.startswith("attention") and slopes[k] > tol for k in slopes if math.isfinite(slopes[k])
+        k.startswith("attention") and slopes[k] > attention_tol(k)
+        for k in slopes
+        if math.isfinite(slopes[k])
     )
     for key, e in slopes.items():
         if not math.isfinite(e):
             continue  # zero at some width (a zero-initialized readout or query): nothing grows
-        if key.startswith("attention") and e > tol:
+        if key.startswith("attention") and e > attention_tol(key):
             out.append(f"{key}: grow like {_fmt(e)}, expected at most 0: {_ATTENTION_HINT}")
         elif key == "logits at init" and e > tol:
             out.append(f"logits at init: grow like {_fmt(e)}, expected at most 0: {_READOUT_HINT}")
