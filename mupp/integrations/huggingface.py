@@ -101,18 +101,16 @@ def _readout_name(model: transformers.PreTrainedModel) -> tuple[str, bool]:
     return name, inp is not None and out.weight is inp.weight
 
 
-def _query_weights(attn: nn.Module, name: str) -> list[tuple[torch.Tensor, slice, int]]:
-    """``(tensor, index, dim)`` of the query rows/columns of one attention module."""
+def _query_weights(attn: nn.Module, name: str) -> list[torch.Tensor]:
+    """Views of one attention module's query weights (and biases), to be zeroed (App. G)."""
     if isinstance(getattr(attn, "q_proj", None), nn.Linear):  # Llama, Mistral, Qwen2, ...
         q = attn.q_proj
-        out = [(q.weight, slice(None), 0)]
-        return out + ([(q.bias, slice(None), 0)] if q.bias is not None else [])
+        return [q.weight] + ([q.bias] if q.bias is not None else [])
     c_attn = getattr(attn, "c_attn", None)
     if c_attn is not None and shapes._is_hf_conv1d(c_attn):  # GPT-2: Conv1D (in, 3 * embed)
         if getattr(attn, "is_cross_attention", False):
-            return [(attn.q_attn.weight, slice(None), 1), (attn.q_attn.bias, slice(None), 0)]
-        q = slice(0, attn.split_size)
-        return [(c_attn.weight, q, 1), (c_attn.bias, q, 0)]
+            return [attn.q_attn.weight, attn.q_attn.bias]
+        return [c_attn.weight[:, : attn.split_size], c_attn.bias[: attn.split_size]]
     raise ValueError(
         f"{name}: no query projection found (q_proj, or GPT-2's c_attn): pass zero_init=False "
         "to keep the model's query init"
@@ -156,11 +154,9 @@ def _plan(model: Any, base: Any, delta: Any, zero_init: bool) -> _Plan:
     if zero_init:
         for n, m in attn.items():
             _query_weights(m, n)  # raises before anything changes
-    info = records[shapes.strip_prefixes(f"{readout}.weight")] if not tied else None
-    if tied:
-        emb = model.get_input_embeddings()
-        ename = next(n for n, m in model.named_modules() if m is emb)
-        info = records[shapes.strip_prefixes(f"{ename}.weight")]
+    # the readout's width multiplier: from its own record or, tied, from the embedding's
+    head = model.get_output_embeddings().weight
+    info = next(records[shapes.strip_prefixes(n)] for n, p in model.named_parameters() if p is head)
     return _Plan(records, scaling, readout, tied, 1.0 / info.width_mult)
 
 
@@ -213,10 +209,8 @@ def prepare(
         mup_init_(model, readout_zero=zero_init, assume_default_init=False)
         if zero_init:
             for name, attn in _attention_modules(model).items():
-                for t, idx, dim in _query_weights(attn, name):
-                    t.narrow(
-                        dim, idx.start or 0, (idx.stop or t.shape[dim]) - (idx.start or 0)
-                    ).zero_()
+                for t in _query_weights(attn, name):
+                    t.zero_()
     setattr(
         model.config,
         _CONFIG_KEY,
