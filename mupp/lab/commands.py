@@ -22,7 +22,7 @@ from ..diagnostics.verify import verify
 from ..distributed import world
 from ..models import build, count_params
 from ..optim import SAM
-from . import data
+from . import data, demo
 from .analysis import format_transfer, rows_from_records, transfer_summary
 from .checkpoint import discard_run
 from .checks import (
@@ -35,7 +35,7 @@ from .checks import (
     token_batches,
 )
 from .config import TrainConfig, load_config_file, load_preset
-from .plots import plot_coordcheck, plot_sweep
+from .plots import plot_coordcheck, plot_demo, plot_sweep
 from .statistics import format_statistics, run_statistics
 from .sweep import expand_point, grid_points, load_results, run_sweep, storage_url
 from .train import train
@@ -567,39 +567,59 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The overfitting regime in miniature (preset ``mlp-cifar10-demo``): ρ-slices at one η for
-    μP² and μP-global across widths, 2 seeds, SAM's gain with 95% intervals."""
+    """``mupp demo``: the mechanism (the perturbation coordinate check of μP-global and μP²,
+    Fig. 2), then the accuracy verdict of the overfitting regime in miniature (preset
+    ``mlp-cifar10-demo``: μP² against μP-global at width 1024, paired by seed), in sentences
+    and one figure (:mod:`mupp.lab.demo`)."""
+    if isinstance(args.workers, bool) or args.workers < 1:
+        raise ValueError(f"--workers must be a whole number >= 1; got {args.workers}")
+    if args.seeds < 2:
+        raise ValueError(f"--seeds must be >= 2 (an interval needs two seeds); got {args.seeds}")
+    out = Path(args.out)
+    _check_writable(out, "--out")
     spec = load_preset("mlp-cifar10-demo")
     base, grid = dict(spec["train"]), {k: list(v) for k, v in spec["grid"].items()}
+    grid["seed"] = list(range(args.seeds))
     try:
         data.load("cifar10", args.data_dir)
-        base["data_dir"] = str(Path(args.data_dir).resolve()) if args.data_dir else None
     except FileNotFoundError as e:
-        print(f"mupp demo: CIFAR-10 not found, using synthetic data instead.\n{e}")
-        base["dataset"] = "synthetic"
-        base.pop("train_subset", None)
-        base.pop("test_subset", None)
+        raise ValueError(f"mupp demo needs CIFAR-10 (its claim is about real data): {e}") from None
+    base["data_dir"] = str(Path(args.data_dir).resolve()) if args.data_dir else None
     t0 = time.time()
+    print("1. The mechanism (Fig. 2): the perturbation effect ||ε_l x|| per layer against width")
+    mech = demo.mechanism(data_dir=base["data_dir"])
+    for setting in demo.SETTINGS:
+        slopes = ", ".join(f"{r} {e:+.2f}" for r, e in mech["slopes"][setting].items())
+        print(f"   {setting:<11} width exponents: {slopes}")
     n_runs = len(grid["width"]) * len(grid["rho"]) * len(grid["setting"]) * len(grid["seed"])
     print(
-        f"mupp demo: {n_runs} grid points ({', '.join(grid['setting'])}; widths "
+        f"2. The accuracy: {n_runs} grid points ({', '.join(grid['setting'])}; widths "
         f"{grid['width']}; rho {grid['rho']} at lr {base['lr']}; seeds {grid['seed']}), "
-        f"{base['epochs']} epochs each; output in {args.out}"
+        f"{base['epochs']} epochs each; output in {out}"
     )
     records = run_sweep(
         grid,
         base,
-        args.out,
+        str(out),
         workers=args.workers,
         progress=not args.no_progress,
         order=spec.get("sweep", {}).get("order"),
         keep_checkpoints=args.keep_checkpoints,
     )
-    rows = rows_from_records(records)
-    paths = plot_sweep(rows, str(Path(args.out) / "sweep"))
-    summary = transfer_summary(rows)
-    (Path(args.out) / "transfer.json").write_text(json.dumps(summary, indent=1, default=str))
-    print(format_transfer(summary))
-    print(f"figures: {', '.join(paths)}")
-    print(f"transfer table: {Path(args.out) / 'transfer.json'}; wall time {time.time() - t0:.0f}s")
+    v = demo.verdict(rows_from_records(records))
+    (out / "demo.json").write_text(json.dumps({"mechanism": mech, "verdict": v}, indent=1))
+    figure = plot_demo(mech, v, str(out / "demo.png"))
+    print("3. The verdict")
+    for line in demo.sentences(v, mech):
+        print(f"   {line}")
+    print(f"figure: {figure}; numbers: {out / 'demo.json'}; wall time {time.time() - t0:.0f}s")
     return 0
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """One clear line when ``path`` cannot be created or written (before any work)."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {probe} is not a writable directory")

@@ -194,3 +194,48 @@ def plot_coordcheck(result: Mapping[str, Any], path: str) -> None:
     fig.suptitle(f"{title}: {cfg['steps']} steps")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_demo(mechanism: Mapping[str, Any], verdict: Mapping[str, Any], path: str) -> str:
+    """``mupp demo``'s figure (PNG): left, the perturbation effect per role against width under
+    μP-global and μP² (Fig. 2's mechanism); right, the paired differences at the widest width
+    (μP² − SGD, μP-global − SGD, μP² − μP-global) with their 95% intervals."""
+    fig = Figure(figsize=(9.0, 3.6))
+    left, right = fig.subplots(1, 2)
+    widths = mechanism["widths"]
+    colors = {"input": "tab:blue", "hidden": "tab:orange", "output": "tab:green"}
+    for setting, style in (("mup-global", "--"), ("mupp", "-")):
+        for role, values in mechanism["values"][setting].items():
+            s = mechanism["slopes"][setting][role]
+            left.plot(widths, values, style, marker="o", color=colors.get(role, "grey"),
+                      label=f"{'μP²' if setting == 'mupp' else 'μP-global'} {role} ({s:+.2f})")  # fmt: skip
+    left.set_xscale("log", base=2)
+    left.set_yscale("log")
+    left.set_xlabel("width")
+    left.set_ylabel("RMS of ε_l x (Def. 8)")
+    left.set_title("perturbation effect per layer (exponent)")
+    left.legend(fontsize=7)
+    labels, means, errs = [], [], []
+    for key, label in (
+        ("mupp_vs_sgd", f"μP² (ρ={verdict['base_rho']:g}) − SGD"),
+        ("global_vs_sgd", f"μP-global (ρ={verdict['global_rho']:g}) − SGD"),
+        ("mupp_vs_global", "μP² − μP-global"),
+    ):
+        d = verdict[key]
+        if d is None:
+            continue
+        labels.append(label)
+        means.append(d["mean"])
+        errs.append(d["half_width"] if math.isfinite(d["half_width"]) else 0.0)
+    ys = np.arange(len(labels))[::-1]
+    right.errorbar(means, ys, xerr=errs, fmt="o", capsize=4, color="black")
+    right.axvline(0.0, color="grey", lw=1)
+    right.set_yticks(ys, labels, fontsize=8)
+    right.set_xlabel("test accuracy difference (points)")
+    right.set_title(
+        f"width {verdict['width']:g}: paired by seed, 95% ({len(verdict['seeds'])} seeds)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
