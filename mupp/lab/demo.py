@@ -28,9 +28,9 @@ SETTINGS = ("mup-global", "mupp")
 # The base width's best ρ of μP² in the full overfitting study (every η and width, 3 seeds,
 # docs/results.md); the demo preset's ρ grid is (0, BASE_RHO, 4 BASE_RHO).
 BASE_RHO = 0.2
-# How far the demo's accuracies moved between two runs with different thread layouts on one
-# machine (docs/results.md, "mupp demo"): the spread a user should expect between machines.
-MACHINE_SPREAD_POINTS = 0.3  # updated from the two recorded demo runs
+# How far the demo's headline numbers moved between two runs with different thread layouts on
+# one machine (0.25-0.30 points; docs/results.md, "mupp demo"): the spread to expect elsewhere.
+MACHINE_SPREAD_POINTS = 0.3
 ROLE_ORDER = ("input", "hidden", "output")
 
 
@@ -191,6 +191,6 @@ def sentences(v: Mapping[str, Any], mech: Mapping[str, Any] | None) -> list[str]
     )
     out.append(
         f"Your numbers may differ from ours by about {MACHINE_SPREAD_POINTS:g} points between "
-        "machines (floating-point results of SAM differ from machine to machine)."
+        "machines (floating-point results differ between machines and thread layouts)."
     )
     return out
