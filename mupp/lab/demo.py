@@ -18,6 +18,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..choices import LAYER_ROLES
 from ..diagnostics.layers import weight_layers
 from ..models import build
 from ..shapes import get_info
@@ -31,7 +32,6 @@ BASE_RHO = 0.2
 # How far the demo's headline numbers moved between two runs with different thread layouts on
 # one machine (0.25-0.30 points; docs/results.md, "mupp demo"): the spread to expect elsewhere.
 MACHINE_SPREAD_POINTS = 0.3
-ROLE_ORDER = ("input", "hidden", "output")
 
 
 def mechanism(
@@ -67,7 +67,7 @@ def mechanism(
         )
         values: dict[str, list[float]] = {}
         slopes: dict[str, float] = {}
-        for r in ROLE_ORDER:
+        for r in LAYER_ROLES:
             layers = [n for n in res["layers"] if role.get(n) == r]
             if not layers:
                 continue
