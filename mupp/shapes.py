@@ -277,7 +277,7 @@ def set_base_shapes(
     """
     records = infer_base_shapes(model, base, delta, overrides)
     _warn_guessed_roles(records)
-    _warn_tied_readouts(model)
+    _warn_tied_readouts(model, records)
     attach_base_shapes(model, records)
     if savefile is not None:
         save_base_shapes(model, savefile)
@@ -448,14 +448,20 @@ def _warn_guessed_roles(records: Mapping[str, WidthInfo]) -> None:
         )
 
 
-def _warn_tied_readouts(model: nn.Module) -> None:
-    """Say once when an embedding's weight is also a readout's (tied embeddings) and that
-    readout has no output multiplier: its role is the embedding's (input-like), right for its
-    learning rate, but μP also needs ``1/m`` on the logits (mup's ``MuSharedReadout``)."""
+def _warn_tied_readouts(model: nn.Module, records: Mapping[str, WidthInfo]) -> None:
+    """Say once when an embedding's weight is also a readout's (tied embeddings), wider than
+    its base, and that readout has no output multiplier: its role is the embedding's
+    (input-like), right for its learning rate, but μP also needs ``1/m`` on the logits (mup's
+    ``MuSharedReadout``)."""
+    wide = {
+        id(p)
+        for n, p, _, _ in _named_params(model)
+        if records[strip_prefixes(n)].width_mult != 1.0
+    }
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for mname, module in model.named_modules(remove_duplicate=False):
         w = module._parameters.get("weight")
-        if isinstance(w, nn.Parameter):
+        if isinstance(w, nn.Parameter) and id(w) in wide:
             owners.setdefault(id(w), []).append((mname, module))
     for uses in owners.values():
         if not any(isinstance(m, nn.Embedding) for _, m in uses):

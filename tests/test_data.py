@@ -155,3 +155,63 @@ def test_label_noise_from_the_command_line(tmp_path):
     assert main(argv + ["--set", "label_noise=0.4", "--out", str(out), "--no-progress"]) == 0
     cfg = json.loads((out / "result.json").read_text())["config"]
     assert cfg["label_noise"] == 0.4 and cfg["label_noise_seed"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# text: Tiny Shakespeare and any plain-text file
+# --------------------------------------------------------------------------------------------
+
+TEXT = "".join(f"To be, or not to be, line {i}: that is the question.\n" for i in range(200))
+
+
+def test_text_split_is_90_10_in_windows_with_next_characters(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    ds = data.load("tinyshakespeare", text_file=path, block_size=16)
+    vocab = "".join(sorted(set(TEXT)))
+    assert ds.vocab == vocab and ds.num_classes == len(vocab)
+    n_train = int(len(TEXT) * 0.9)
+    ids = torch.tensor([vocab.index(c) for c in TEXT])
+    assert ds.train.x.shape == ((n_train - 1) // 16, 16)
+    assert torch.equal(ds.train.x[1], ids[16:32]) and torch.equal(ds.train.y[1], ids[17:33])
+    assert torch.equal(ds.test.x[0], ids[n_train : n_train + 16])  # the last tenth validates
+    x, y = next(data.batches(ds.train, 4, shuffle=False, name="tinyshakespeare"))
+    assert x.dtype == torch.long and torch.equal(x, ds.train.x[:4])  # no image normalization
+
+
+def test_the_named_corpus_is_checked_against_its_checksum(tmp_path):
+    (tmp_path / "tinyshakespeare").mkdir()
+    (tmp_path / "tinyshakespeare" / "input.txt").write_text(TEXT)
+    with pytest.raises(ValueError, match="SHA-256 .* is not tinyshakespeare's .*text_file=PATH"):
+        data.load("tinyshakespeare", tmp_path)
+    assert data.load("tinyshakespeare", text_file=tmp_path / "tinyshakespeare" / "input.txt")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "too few"), (b"\xff\xfe\x00abc" * 100, "not UTF-8"), (b"short", "too few")],
+)
+def test_an_empty_short_or_undecodable_file_is_refused(tmp_path, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        data.load("tinyshakespeare", text_file=path)
+
+
+def test_missing_corpus_lists_places_and_the_download_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUPP_DATA_DIR", str(tmp_path / "env"))
+    with pytest.raises(
+        FileNotFoundError, match="(?s)tinyshakespeare/input.txt.*mupp data download"
+    ):
+        data.load("tinyshakespeare", tmp_path / "nothing")
+
+
+def test_the_real_tiny_shakespeare_when_present(capsys):
+    root = shared_data_dir()
+    if root is None or not (root / "tinyshakespeare" / "input.txt").exists():
+        pytest.skip("../shared/datasets/tinyshakespeare is absent")
+    ds = data.load("tinyshakespeare", root, block_size=64)
+    assert ds.num_classes == 65
+    assert (len(ds.train) + 1) * 64 > int(1_115_394 * 0.9) >= len(ds.train) * 64
+    assert main(["data", "info", "tinyshakespeare", "--data-dir", str(root)]) == 0
+    assert '"vocab_size": 65' in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Training runs: determinism, exact resume, divergence flag, configs, CLI."""
 
 import json
+import math
 
 import pytest
 
@@ -154,3 +155,33 @@ def test_train_cli(tmp_path, capsys):
 def test_data_dir_is_stored_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert TrainConfig.from_dict(dict(BASE, data_dir="data")).data_dir == str(tmp_path / "data")
+
+
+def test_gpt_trains_on_a_text_file_and_reports_validation_loss(tmp_path):
+    text = "".join(f"the cat sat on mat {i % 7}. " for i in range(400))
+    (tmp_path / "t.txt").write_text(text)
+    cfg = dict(
+        model="gpt", dataset="tinyshakespeare", text_file=str(tmp_path / "t.txt"), width=32,
+        base_width=16, block_size=16, optimizer="adamw", lr=3e-3, rho=0.05, rule="DP",
+        epochs=2, batch_size=8, model_kwargs={"n_layer": 1, "n_head": 2},
+    )  # fmt: skip
+    r = train(cfg, None, progress=False, log=None)
+    assert r["best_test_loss"] == min(h["test_loss"] for h in r["history"])
+    assert r["best_test_bpc"] == pytest.approx(r["best_test_loss"] / math.log(2))
+    assert r["history"][-1]["train_loss"] < math.log(len(set(text)))  # it learned something
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(model="gpt", dataset="cifar10"), "do not fit: the gpt trains on text"),
+        (dict(model="mlp", dataset="tinyshakespeare"), "do not fit"),
+        (dict(model="mlp", text_file="x.txt"), "text_file names a text corpus"),
+        (dict(model="gpt", dataset="tinyshakespeare", block_size=0), "block_size must be"),
+    ],
+)
+def test_text_configurations_are_checked_at_the_door(bad, message):
+    from mupp.lab.config import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(bad).validate()

@@ -124,7 +124,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     di = dsub.add_parser("info", help="print split sizes, class counts, channel statistics (JSON)")
     dd = dsub.add_parser("download", help="download the official archive (needs a network)")
     for q in (di, dd):
-        q.add_argument("name", choices=["cifar10", "cifar100"])
+        q.add_argument("name", choices=["cifar10", "cifar100", "tinyshakespeare"])
         q.add_argument("--data-dir", default=None)
     d.set_defaults(func=commands.cmd_data)
 

@@ -50,7 +50,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(json.dumps(data.info(ds), indent=2))
     else:
         root = args.data_dir or data.search_dirs()[-1]
-        path = data.download_archive(args.name, root)
+        fetch = data.download_text if data.is_text(args.name) else data.download_archive
+        path = fetch(args.name, root)
         print(f"downloaded {args.name} to {path}")
     return 0
 

@@ -36,7 +36,7 @@ from ..choices import (
     check_choice,
 )
 from ..models import build
-from .data import DATASETS
+from .data import DATASETS, is_text
 
 Optimizer = Literal["sgd", "adamw"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
@@ -60,6 +60,8 @@ class TrainConfig:
     data_dir: str | None = None
     train_subset: int | None = None
     test_subset: int | None = None
+    block_size: int = 64  # text: characters per training window (the GPT's context)
+    text_file: str | None = None  # text: any plain-text file as the corpus (no checksum)
     label_noise: float = 0.0  # fraction of training labels flipped to another class
     label_noise_seed: int = 0  # which labels: fixed across training seeds by default
     parameterization: Parameterization = "mupp"
@@ -122,13 +124,17 @@ class TrainConfig:
 
     def _check_choices(self) -> None:
         check_choice("model", self.model, MODEL_NAMES)
-        if self.model == "gpt":
-            raise ValueError(
-                "model 'gpt' trains on text, and mupp train's datasets are images (cifar10, "
-                "cifar100, synthetic): use mupp.models.GPT in your own loop, or check it with "
-                "mupp verify --model gpt"
-            )
         check_choice("dataset", self.dataset, DATASETS)
+        if (self.model == "gpt") != is_text(self.dataset):
+            raise ValueError(
+                f"model {self.model!r} and dataset {self.dataset!r} do not fit: the gpt trains on "
+                "text (dataset 'tinyshakespeare', or text_file=PATH with it), the other models on "
+                "images (cifar10, cifar100, synthetic)"
+            )
+        if self.text_file is not None and not is_text(self.dataset):
+            raise ValueError("text_file names a text corpus: use it with dataset 'tinyshakespeare'")
+        if self.label_noise and is_text(self.dataset):
+            raise ValueError("label_noise flips image labels; a text corpus has none")
         check_choice("parameterization", self.parameterization, PARAMETERIZATIONS)
         check_choice("variant", self.variant, VARIANTS)
         check_choice("rule", self.rule, RULES)
@@ -144,7 +150,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a non-negative finite number; got {v!r}")
         if not (_is_number(self.label_noise) and 0 <= self.label_noise < 1):
             raise ValueError(f"label_noise must be a fraction in [0, 1); got {self.label_noise!r}")
-        for name in ("batch_size", "epochs", "train_subset", "test_subset"):
+        for name in ("batch_size", "epochs", "train_subset", "test_subset", "block_size"):
             v = getattr(self, name)
             if v is None and name.endswith("subset"):
                 continue
@@ -225,6 +231,9 @@ def make_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
     kw = dict(cfg.model_kwargs)
     if cfg.model == "mlp":
         kw.setdefault("d_out", num_classes)
+    elif cfg.model == "gpt":  # num_classes: the corpus's vocabulary
+        kw.setdefault("vocab_size", num_classes)
+        kw.setdefault("block_size", cfg.block_size)
     else:
         kw.setdefault("num_classes", num_classes)
     return build(cfg.model, cfg.width, cfg.base_width, **kw)

@@ -1,11 +1,13 @@
-"""CIFAR-10/100 as in-memory tensors, batch-level augmentation, and synthetic data.
+"""CIFAR-10/100 as in-memory tensors, batch-level augmentation, synthetic data, and
+character-level text (Tiny Shakespeare or any plain-text file) as windows of token ids.
 
 Looked up, in order: the ``data_dir`` argument (``--data-dir``), ``$MUPP_DATA_DIR``, the user
 cache (``$XDG_CACHE_HOME/mupp`` or ``~/.cache/mupp``).  In each directory mupp accepts the
 standard python layout (``cifar-10-batches-py/``, ``cifar-100-python/``, as torchvision
 downloads it) and, for CIFAR-10, ``cifar10.npz`` (arrays ``x_train, y_train, x_test, y_test``,
 uint8 HWC images).  ``download=True`` fetches the official archive into the first directory searched, checks its
-MD5 and unpacks it.
+MD5 and unpacks it.  Tiny Shakespeare is ``tinyshakespeare/input.txt`` in the same directories
+(checked against its SHA-256); ``text_file`` names any other corpus.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ("cifar10", "cifar100", "synthetic")
+DATASETS = ("cifar10", "cifar100", "synthetic", "tinyshakespeare")
+# character-level corpora: (download URL, SHA-256 of the file, its path in a data directory)
+TEXT_CORPORA = {
+    "tinyshakespeare": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        "tinyshakespeare/input.txt",
+    ),
+}
+TRAIN_FRACTION = 0.9  # text: the first 90% trains, the last 10% validates (nanoGPT's split)
 _ARCHIVES = {
     "cifar10": (
         "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -41,9 +52,15 @@ STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
 
 
+def is_text(name: str) -> bool:
+    """Whether the dataset is a character-level corpus (token windows, not images)."""
+    return name in TEXT_CORPORA
+
+
 @dataclass
 class Split:
-    """One split: ``x`` uint8 (N, 3, 32, 32), ``y`` int64 (N,)."""
+    """One split: images ``x`` uint8 (N, 3, 32, 32) with labels ``y`` int64 (N,), or text
+    windows ``x`` int64 (N, T) with their next characters ``y`` int64 (N, T)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -63,6 +80,7 @@ class Dataset:
     num_classes: int
     source: str
     test_exact: torch.Tensor | None = None  # bool (N_test,): images known to be bit-exact
+    vocab: str | None = None  # text: the characters, in token-id order
 
 
 def search_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -183,11 +201,20 @@ def load(
     download: bool = False,
     synthetic_size: tuple[int, int] = (2048, 512),
     seed: int = 0,
+    *,
+    block_size: int = 64,
+    text_file: str | os.PathLike | None = None,
 ) -> Dataset:
     """Load a dataset into memory (uint8 images; see :func:`normalize`).  ``download=True``
-    fetches the official archive when it is found nowhere (needs a network)."""
+    fetches the official archive when it is found nowhere (needs a network).  A text corpus
+    comes as windows of ``block_size`` characters (:func:`load_text`; ``text_file``: any
+    plain-text file instead of the named corpus)."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}; got {name!r}")
+    if is_text(name):
+        return load_text(
+            name, data_dir, block_size=block_size, text_file=text_file, download=download
+        )
     if name == "synthetic":
         return synthetic(*synthetic_size, seed=seed)
     dirs = search_dirs(data_dir)
@@ -205,6 +232,97 @@ def load(
         + (" or cifar10.npz" if name == "cifar10" else "")
         + f") in:\n  {places}\nDownload it with: mupp data download {name} --data-dir DIR"
     )
+
+
+def find_text(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> Path:
+    """The corpus file of ``name`` in the searched directories (downloaded into the first
+    one with ``download=True``); ``FileNotFoundError`` lists every place searched."""
+    url, _, rel = TEXT_CORPORA[name]
+    dirs = search_dirs(data_dir)
+    for root in dirs:
+        if (root / rel).is_file():
+            return root / rel
+    if download:
+        return download_text(name, dirs[0])
+    places = "\n  ".join(str(d) for d in dirs)
+    raise FileNotFoundError(
+        f"{name} not found. Searched ({rel}) in:\n  {places}\nDownload it with: mupp data "
+        f"download {name} --data-dir DIR, or name any plain-text file with text_file=PATH"
+    )
+
+
+def download_text(name: str, root: str | os.PathLike) -> Path:
+    """Fetch a text corpus into ``root`` and check its SHA-256 (needs a network)."""
+    url, sha256, rel = TEXT_CORPORA[name]
+    path = Path(root) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    urllib.request.urlretrieve(url, tmp)
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    if digest != sha256:
+        tmp.unlink()
+        raise ValueError(f"{name}: downloaded file has SHA-256 {digest}, expected {sha256}")
+    tmp.replace(path)
+    return path
+
+
+def load_text(
+    name: str = "tinyshakespeare",
+    data_dir: str | os.PathLike | None = None,
+    *,
+    block_size: int = 64,
+    text_file: str | os.PathLike | None = None,
+    download: bool = False,
+) -> Dataset:
+    """A character-level corpus as a :class:`Dataset`: the first 90% of the characters train,
+    the last 10% validate; each split is cut into non-overlapping windows of ``block_size``
+    characters, ``y`` the next character of every position.  The vocabulary is the sorted
+    set of the corpus's characters.  The named corpus is checked against its SHA-256; a file
+    given as ``text_file`` is taken as it is.  An empty, undecodable or corrupt file raises
+    ``ValueError`` naming it."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive whole number; got {block_size!r}")
+    path = Path(text_file) if text_file is not None else find_text(name, data_dir, download)
+    if not path.is_file():
+        raise FileNotFoundError(f"text_file {str(path)!r} is not a file")
+    raw = path.read_bytes()
+    if text_file is None:
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != TEXT_CORPORA[name][1]:
+            raise ValueError(
+                f"{path}: SHA-256 {digest} is not {name}'s ({TEXT_CORPORA[name][1]}): the file is "
+                f"corrupt or another text; delete it and run mupp data download {name}, or use "
+                "it as it is with text_file=PATH"
+            )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    n_train = int(len(text) * TRAIN_FRACTION)
+    if len(text) - n_train < block_size + 1:
+        raise ValueError(
+            f"{path}: {len(text)} characters are too few for windows of {block_size} (the "
+            f"validation tenth needs at least {block_size + 1}); use a longer text"
+        )
+    vocab = "".join(sorted(set(text)))
+    index = {c: i for i, c in enumerate(vocab)}
+    ids = torch.tensor([index[c] for c in text], dtype=torch.long)
+    return Dataset(
+        name,
+        text_windows(ids[:n_train], block_size),
+        text_windows(ids[n_train:], block_size),
+        len(vocab),
+        str(path),
+        vocab=vocab,
+    )
+
+
+def text_windows(ids: torch.Tensor, block_size: int) -> Split:
+    """Non-overlapping windows ``x = ids[k T : (k+1) T]`` and ``y = ids[k T + 1 : (k+1) T + 1]``."""
+    n = (len(ids) - 1) // block_size
+    x = ids[: n * block_size].view(n, block_size)
+    y = ids[1 : n * block_size + 1].view(n, block_size)
+    return Split(x, y)
 
 
 def synthetic(
@@ -288,6 +406,9 @@ def batches(
     for i in range(0, stop, batch_size):
         idx = order[i : i + batch_size]
         x = split.x[idx]
+        if is_text(name):  # token windows: nothing to normalize
+            yield x.to(device), split.y[idx].to(device)
+            continue
         if augment_data:
             x = augment(x, generator)
         x = normalize(x.to(device), name)
@@ -297,7 +418,21 @@ def batches(
 
 
 def info(ds: Dataset) -> dict:
-    """Split sizes, images per class and per-channel mean/std of the training images."""
+    """Split sizes, images per class and per-channel mean/std of the training images (for a
+    text corpus: windows, characters and the vocabulary)."""
+    if ds.vocab is not None:
+        t = ds.train.x.shape[1]
+        return {
+            "dataset": ds.name,
+            "source": ds.source,
+            "train_windows": len(ds.train),
+            "validation_windows": len(ds.test),
+            "block_size": t,
+            "train_characters": len(ds.train) * t,
+            "validation_characters": len(ds.test) * t,
+            "vocab_size": ds.num_classes,
+            "vocab": ds.vocab,
+        }
     x = ds.train.x.float() / 255.0
     return {
         "dataset": ds.name,

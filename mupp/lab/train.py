@@ -87,6 +87,8 @@ def eval_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A split's normalized inputs and labels, prepared once per run for :func:`evaluate`
     (re-normalizing 10,000 test images every epoch cost as much as a forward of a narrow MLP)."""
+    if data_mod.is_text(name):  # token windows
+        return split.x.to(device), split.y.to(device)
     x = data_mod.normalize(split.x.to(device), name)
     return (x.reshape(len(x), -1) if flatten else x), split.y.to(device)
 
@@ -95,7 +97,9 @@ def evaluate(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500
 ) -> tuple[float, float, torch.Tensor]:
     """(accuracy, mean loss, per-example correctness) of ``model`` on prepared inputs
-    (:func:`eval_inputs`), in inference mode and in batches of ``batch_size``."""
+    (:func:`eval_inputs`), in inference mode and in batches of ``batch_size``.  A language
+    model's logits ``(N, T, vocab)`` count every position: next-character accuracy and the
+    mean loss in nats per character."""
     was_training = model.training
     model.eval()
     correct, total_loss = [], 0.0
@@ -103,11 +107,11 @@ def evaluate(
         for i in range(0, len(y), batch_size):
             out = model(x[i : i + batch_size])
             yb = y[i : i + batch_size]
-            total_loss += F.cross_entropy(out, yb, reduction="sum").item()
-            correct.append((out.argmax(1) == yb).cpu())
+            total_loss += F.cross_entropy(out.flatten(0, -2), yb.flatten(), reduction="sum").item()
+            correct.append((out.argmax(-1) == yb).cpu())
     model.train(was_training)
     c = torch.cat(correct)
-    return c.float().mean().item(), total_loss / len(c), c
+    return c.float().mean().item(), total_loss / c.numel(), c
 
 
 def epoch_batches(cfg: TrainConfig, split: data_mod.Split, name: str, epoch: int):
@@ -124,6 +128,13 @@ def epoch_batches(cfg: TrainConfig, split: data_mod.Split, name: str, epoch: int
         flatten=cfg.model == "mlp",
         drop_last=True,
         device=cfg.device,
+    )
+
+
+def load_dataset(cfg: TrainConfig) -> data_mod.Dataset:
+    """The configuration's dataset (a text corpus in windows of ``block_size``)."""
+    return data_mod.load(
+        cfg.dataset, cfg.data_dir, seed=cfg.seed, block_size=cfg.block_size, text_file=cfg.text_file
     )
 
 
@@ -233,6 +244,8 @@ def _step_function(
     other SAM variants take two passes (:func:`mupp.distributed.sam_passes`); ``rho = 0`` one."""
 
     def criterion(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # (batch, classes), or a language model's (batch, tokens, vocab) against (batch, tokens)
+        logits, y = logits.flatten(0, -2), y.flatten()
         return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
 
     if not isinstance(opt, SAM):
@@ -283,9 +296,9 @@ def _train_epoch(
             x, y = x[run.rank :: run.world_size], y[run.rank :: run.world_size]
         loss, logits = run.step(x, y)
         run.sched.step()
-        loss_sum += loss.detach().cpu() * len(y)
-        correct += (logits.argmax(1) == y).sum().cpu()
-        seen += len(y)
+        loss_sum += loss.detach().cpu() * y.numel()  # per example, or per character of text
+        correct += (logits.argmax(-1) == y).sum().cpu()
+        seen += y.numel()
     if progress:
         batches.close()
     if run.world_size > 1:
@@ -338,7 +351,7 @@ def train(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {str(out)!r} is a file; expected a directory")
-    ds = dataset if dataset is not None else data_mod.load(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+    ds = dataset if dataset is not None else load_dataset(cfg)
     train_split, test_split = splits(cfg, ds)
     run = _prepare(cfg, ds.num_classes, len(train_split))
     if run.rank != 0:
@@ -393,7 +406,13 @@ def summarize(cfg: TrainConfig, history: list[dict[str, float]], elapsed: float)
     (and the exact-1k accuracy at that epoch), the final accuracy, divergence and wall time."""
     finite = [h for h in history if math.isfinite(h["test_acc"])]
     best = max(finite, key=lambda h: h["test_acc"]) if finite else None
+    losses = [h["test_loss"] for h in history if math.isfinite(h["test_loss"])]
+    text = {}
+    if data_mod.is_text(cfg.dataset):  # the language model's metric: validation loss
+        best_loss = min(losses) if losses else math.inf
+        text = {"best_test_loss": best_loss, "best_test_bpc": best_loss / math.log(2)}
     return {
+        **text,
         "config": cfg.to_dict(),
         "history": history,
         "best_test_acc": best["test_acc"] if best else 0.0,
