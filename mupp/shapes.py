@@ -454,9 +454,7 @@ def _warn_tied_readouts(model: nn.Module, records: Mapping[str, WidthInfo]) -> N
     (input-like), right for its learning rate, but μP also needs ``1/m`` on the logits (mup's
     ``MuSharedReadout``)."""
     wide = {
-        id(p)
-        for n, p, _, _ in _named_params(model)
-        if records[strip_prefixes(n)].width_mult != 1.0
+        id(p) for n, p, _, _ in _named_params(model) if records[strip_prefixes(n)].width_mult != 1.0
     }
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for mname, module in model.named_modules(remove_duplicate=False):

@@ -43,10 +43,27 @@ def test_group_equals_sequential_runs(extra):
         assert v["diverged"] == s["diverged"]
 
 
+@pytest.mark.parametrize("extra", [dict(), dict(momentum=0.0, rule="DP")])
+def test_a_group_of_several_seeds_equals_their_sequential_runs(extra):
+    # each seed its own initialization and data order; seeds 0 and 2 share nothing
+    cfgs = [
+        dict(BASE, **extra, lr=0.05, rho=rho, seed=seed) for seed in (2, 0) for rho in (0.0, 0.1)
+    ]
+    vec = train_group(cfgs, DS)
+    for c, v in zip(cfgs, vec):
+        s = train(c, progress=False, dataset=DS, log=None)
+        assert v["config"] == s["config"]
+        for a, b in zip(v["history"], s["history"], strict=True):
+            for k in ("train_loss", "test_loss", "train_acc", "test_acc"):
+                assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-5), (c, k)
+    assert vec[0]["history"] != vec[2]["history"]  # the seeds differ
+
+
 def test_grouping_rules():
     a = dict(BASE, lr=0.1, rho=0.1)
     assert group_key(a) == group_key(dict(a, lr=0.2, rho=0.0))
-    assert group_key(a) != group_key(dict(a, seed=1))
+    assert group_key(a) == group_key(dict(a, seed=1))  # seeds train together too
+    assert group_key(a) != group_key(dict(a, width=64))
     assert supports(a) and not supports(dict(a, model="resnet8", width=16, base_width=16))
     assert not supports(dict(a, variant="asam-elem"))
     with pytest.raises(ValueError, match="differ only in"):

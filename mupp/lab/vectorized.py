@@ -1,7 +1,8 @@
-"""Train K configurations of one MLP at once, sharing every data batch (batched weights).
+"""Train K configurations of one MLP at once (batched weights, batched GEMMs).
 
-Configurations of a group differ only in ``lr`` and ``rho``: same model, width, seed (so the
-same initialization and data order), parameterization, variant and rule.  Each configuration's
+Configurations of a group differ only in ``lr``, ``rho`` and ``seed``: same model, width,
+parameterization, variant and rule.  Each seed has its own initialization and data order,
+exactly as its sequential run; configurations that share a seed share every data batch.  Each configuration's
 SAM norms are its own.  The per-parameter factors (μP learning rates, perturbation numerator and
 denominator) are read from a :class:`mupp.SAM` built on the template model, so the scaling is
 decided in one place.  The update replicates ``torch.optim.SGD`` (momentum, dampening 0,
@@ -9,15 +10,17 @@ Nesterov, coupled weight decay) and ``LambdaLR``; a configuration whose gradient
 skips that step, as :class:`mupp.SAM` does.  The SAM scales come from
 :func:`mupp.optim.perturbation.scales`, the function :class:`mupp.SAM` uses.
 
-The first layer, whose input all configurations share, is where the cost lies (d_in = 3072 on
-CIFAR).  Its gradient ``g_k = δ_k^T x`` (``δ_k = ∂L_k/∂(x W_k^T)``) has rank ≤ batch size, so
+The first layer, whose input the configurations of one seed share, is where the cost lies
+(d_in = 3072 on CIFAR).  Its gradient ``g_k = δ_k^T x`` (``δ_k = ∂L_k/∂(x W_k^T)``) has rank ≤ batch size, so
 SAM's ascent never materializes it: ``||g_k||² = <δ_k, G δ_k>`` and the perturbed product
 ``x (W_k + s_k g_k)^T = x W_k^T + s_k G δ_k`` follow from the batch's Gram matrix ``G = x x^T``.
 Per step that leaves two GEMMs over the stacked first-layer weights (forward, and the descent
 gradient accumulated straight into the momentum buffer) where sequential SAM runs do four, and
-no parameter-sized ε at all for that layer.  Results equal sequential :func:`mupp.lab.train.train`
-runs to float tolerance (batched matmuls sum in another order).  No checkpoints: a killed group
-re-runs from the start.
+no parameter-sized ε at all for that layer (with several seeds, ``x``, ``G`` and the products
+are per configuration: batched GEMMs).  The training split lives on the group's device and a
+step synchronizes nothing with the host on CUDA (the per-epoch records do).  Results equal
+sequential :func:`mupp.lab.train.train` runs to float tolerance (batched matmuls sum in
+another order).  No checkpoints: a killed group re-runs from the start.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from . import data as data_mod
 from .config import TrainConfig, make_model
 from .train import epoch_batches, epoch_record, lr_lambda, splits, steps_per_epoch, summarize
 
-VARYING = ("lr", "rho")
+VARYING = ("lr", "rho", "seed")
 DIRECTION_VARIANTS = ("sam", "last-layer", "first-layer", "sam-on")
 
 
@@ -84,23 +87,50 @@ class _Group:
         self.pert_names = [n for n in self.names if fac[n]["perturb"]]
         self.num = torch.tensor([fac[n]["pert_num"] for n in self.pert_names], device=dev)
         self.den = torch.tensor([fac[n]["pert_den"] for n in self.pert_names], device=dev)
+        # every configuration starts from its own seed's initialization
+        inits = {}
+        for c in cfgs:
+            if c.seed not in inits:
+                torch.manual_seed(c.seed)
+                inits[c.seed] = dict(make_model(c, model_outputs(model)).named_parameters())
         self.theta = {
-            n: p.detach().unsqueeze(0).repeat(self.K, *([1] * p.ndim)).clone()
-            for n, p in model.named_parameters()
+            n: torch.stack([inits[c.seed][n].detach().to(dev) for c in cfgs]).clone()
+            for n in self.names
         }
+        self.seeds = sorted(inits)
+        # which seed's batch each configuration reads (None: one seed, one shared batch)
+        self.batch_index = (
+            None
+            if len(self.seeds) == 1
+            else torch.tensor([self.seeds.index(c.seed) for c in cfgs], device=dev)
+        )
+        self.sync_free = dev.type == "cuda"  # on CUDA no step may wait for the host
         self.bufs: dict[str, torch.Tensor | None] = {n: None for n in self.names}
         self.lrs = torch.tensor([c.lr for c in cfgs], device=dev)
         self.rhos = torch.tensor([c.rho for c in cfgs], device=dev)
         self.use_sam = self.rhos > 0
+        self.any_sam = any(c.rho > 0 for c in cfgs)  # known on the host: no sync to test it
 
     def shaped(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """A per-configuration vector ``v`` (K,) viewed to broadcast against ``t`` (K, ...)."""
         return v.view(self.K, *([1] * (t.ndim - 1)))
 
     def first_layer(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """``x W_k^T`` for every configuration, as one GEMM: (B, d_in) -> (K, B, n)."""
+        """``x W_k^T`` for every configuration: a shared batch (B, d_in) as one GEMM, or one
+        batch per configuration (K, B, d_in) as a batched GEMM -> (K, B, n)."""
         w = self.theta[self.first] if w is None else w
+        if x.ndim == 3:
+            return torch.bmm(x, w.transpose(1, 2))
         return (x @ w.reshape(-1, w.shape[-1]).T).view(x.shape[0], self.K, -1).transpose(0, 1)
+
+    def gather(self, by_seed: list[tuple[torch.Tensor, torch.Tensor]]):
+        """The step's ``(x, y)``: the shared batch, or every configuration's seed's batch
+        stacked (K, B, ...)."""
+        if self.batch_index is None:
+            return by_seed[0]
+        x = torch.stack([b[0] for b in by_seed]).index_select(0, self.batch_index)
+        y = torch.stack([b[1] for b in by_seed]).index_select(0, self.batch_index)
+        return x, y
 
     def head(self, params: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
         """The MLP's forward from the first layer's product ``z = x W_1^T``: -> (K, B, d_out)."""
@@ -125,7 +155,7 @@ class _Group:
         losses = (
             F.cross_entropy(
                 logits.flatten(0, 1),
-                y.repeat(self.K),
+                y.flatten() if y.ndim == 2 else y.repeat(self.K),
                 label_smoothing=self.cfg.label_smoothing,
                 reduction="none",
             )
@@ -142,7 +172,7 @@ class _Group:
         The first layer never materializes its gradient δ^T x (K copies of n x d_in):
         ``||δ_k^T x||_F^2 = <δ_k, G δ_k>`` and ``x (W_k + s_k δ_k^T x)^T = z_k + s_k G δ_k``,
         with the batch's Gram matrix ``G = x x^T`` shared by all configurations."""
-        gram_delta = torch.matmul(x @ x.T, delta)
+        gram_delta = torch.matmul(torch.matmul(x, x.transpose(-1, -2)), delta)
         sq = {self.first: (delta * gram_delta).sum((1, 2))}
         sq.update({n: g1[n].pow(2).flatten(1).sum(1) for n in self.rest})
         finite1 = torch.isfinite(torch.stack(list(sq.values()))).all(0)
@@ -172,11 +202,14 @@ class _Group:
     def update(self, x, delta, g, ok, lr_scale: float) -> None:
         """``torch.optim.SGD``'s step (momentum, dampening 0, Nesterov, coupled weight decay)
         for every configuration whose ``ok`` is set, at learning rate ``lr · lr_scale``."""
-        cfg, all_ok = self.cfg, bool(ok.all())  # the common case updates in place, without masks
+        # the common case updates in place, without masks; on CUDA the mask is always applied
+        # (asking whether every configuration may step would wait for the device)
+        cfg = self.cfg
+        all_ok = False if self.sync_free else bool(ok.all())
         for n in self.names:
             theta = self.theta[n]
             step_lr = self.shaped(self.lrs * (self.lr_fac[n] * lr_scale), theta)
-            if n == self.first and cfg.momentum and not cfg.nesterov and all_ok:
+            if n == self.first and cfg.momentum and not cfg.nesterov and all_ok and x.ndim == 2:
                 # the momentum step with the gradient GEMM accumulating straight into the
                 # buffer: buf = μ buf + δ^T x (+ wd W); W -= lr buf
                 if self.bufs[n] is None:
@@ -222,6 +255,11 @@ class _Group:
         return loss, logits.argmax(-1) == yt
 
 
+def model_outputs(model: torch.nn.Module) -> int:
+    """The MLP's number of outputs (its readout's ``out_features``)."""
+    return model.layers[-1].out_features
+
+
 def _check_group(cfgs: list[TrainConfig]) -> None:
     if not cfgs:
         raise ValueError("configs is empty")
@@ -247,8 +285,11 @@ def train_group(
     train_split, test_split = splits(cfg, ds)
     steps = steps_per_epoch(cfg, len(train_split))
     dev = torch.device(cfg.device)
+    train_split = data_mod.Split(train_split.x.to(dev), train_split.y.to(dev))  # once, not per step
+    test_split = data_mod.Split(test_split.x.to(dev), test_split.y.to(dev))
     torch.manual_seed(cfg.seed)
     group = _Group(cfgs, make_model(cfg, ds.num_classes).to(dev), dev)
+    by_seed = {s: next(c for c in cfgs if c.seed == s) for s in group.seeds}
     K, lam = group.K, lr_lambda(cfg, steps)
     histories: list[list[dict[str, Any]]] = [[] for _ in range(K)]
     alive = [True] * K
@@ -260,14 +301,16 @@ def train_group(
         loss_sum = torch.zeros(K, device=dev)
         correct = torch.zeros(K, device=dev)
         seen = 0
-        for x, y in epoch_batches(cfg, train_split, ds.name, epoch):
+        streams = [epoch_batches(by_seed[s], train_split, ds.name, epoch) for s in group.seeds]
+        for batches in zip(*streams):
+            x, y = group.gather(list(batches))
             z = group.first_layer(x)
             delta, g, loss, logits = group.grads(group.theta, z, y)
-            loss_sum += loss * len(y)
+            loss_sum += loss * y.shape[-1]
             correct += (logits.argmax(-1) == y).sum(-1).float()
-            seen += len(y)
+            seen += y.shape[-1]
             ok = torch.ones(K, dtype=torch.bool, device=dev)  # plain SGD does not skip
-            if group.use_sam.any():
+            if group.any_sam:
                 delta, g, ok = group.ascent(x, y, z, delta, g)
             group.update(x, delta, g, ok, lam(step))
             step += 1
