@@ -24,6 +24,11 @@ LRS = [0.0125, 0.025, 0.05, 0.1, 0.2]
 RHOS = [0.0, 0.025, 0.05, 0.1, 0.2]
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", default="64,256")
@@ -32,6 +37,8 @@ def main() -> None:
     ap.add_argument(
         "--data-dir", default=None, help="CIFAR-10 location; synthetic data when absent"
     )
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--base-width", type=int, default=64)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     try:
@@ -42,6 +49,7 @@ def main() -> None:
     out = {
         "dataset": name,
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "K": len(LRS) * len(RHOS),
         "widths": {},
     }
@@ -49,8 +57,9 @@ def main() -> None:
         base = dict(
             model="mlp",
             width=width,
-            base_width=64,
+            base_width=args.base_width,
             dataset=name,
+            device=args.device,
             train_subset=args.train_subset,
             test_subset=1000,
             epochs=args.epochs,
@@ -61,9 +70,11 @@ def main() -> None:
         cfgs = [dict(base, lr=lr, rho=rho) for lr in LRS for rho in RHOS]
         t0 = time.perf_counter()
         vec = train_group(cfgs, ds)
+        _sync(args.device)
         t_vec = time.perf_counter() - t0
         t0 = time.perf_counter()
         seq = [train(c, progress=False, dataset=ds, log=None) for c in cfgs]
+        _sync(args.device)
         t_seq = time.perf_counter() - t0
         diff_loss = max(
             abs(a["test_loss"] - b["test_loss"]) / max(1.0, abs(b["test_loss"]))

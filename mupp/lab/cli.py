@@ -226,7 +226,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         "--vectorize",
         choices=["auto", "on", "off"],
         default="auto",
-        help="train MLP grid points that differ only in lr/rho together (auto: on CUDA only)",
+        help="train MLP grid points that differ only in lr/rho/seed together (auto: on CUDA only)",
     )
     s.set_defaults(func=commands.cmd_sweep)
 
