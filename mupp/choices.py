@@ -60,6 +60,12 @@ ModelName = Literal["mlp", "resnet8", "resnet10", "resnet18", "vit", "gpt"]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 
 
+# What a sweep analysis maximizes per run: best-epoch test accuracy, or (language models) minus
+# the best validation loss in nats per token.
+Metric = Literal["acc", "loss"]
+METRICS: tuple[str, ...] = get_args(Metric)
+
+
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     """Raise ``ValueError`` naming the argument and the allowed values unless ``value`` is one."""
     if not isinstance(value, str) or value not in allowed:

@@ -9,19 +9,36 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from ..choices import METRICS, Metric, check_choice
 from . import confidence
 from .sweep import expand_point
 
+# the record field each metric reads and its sign: every analysis maximizes ``acc``
+_METRIC_FIELD = {"acc": ("best_test_acc", 1.0), "loss": ("best_test_loss", -1.0)}
 
-def rows_from_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+
+def rows_from_records(
+    records: Iterable[Mapping[str, Any]], metric: Metric = "acc"
+) -> list[dict[str, Any]]:
     """Flatten sweep records (``params`` + ``result``) into one row per run.
+
+    ``acc`` is what the analyses maximize: the best-epoch test accuracy, or with
+    ``metric="loss"`` minus the best validation loss (nats per token; language models), so
+    that a positive gain is a lower loss.
 
     ``setting`` names what a transfer table compares: the parameterization, with the SAM
     variant appended when it is not plain SAM (``"mupp/sam-on"``) and the rule after it when
     it is not LP (``"mupp/sam/DP"``).
     """
+    check_choice("metric", metric, METRICS)
+    field, sign = _METRIC_FIELD[metric]
     rows = []
     for r in records:
+        if field not in r["result"]:
+            raise ValueError(
+                f"metric {metric!r}: a run has no {field} (the validation loss is recorded for "
+                "text datasets; use metric 'acc' for the image sweeps)"
+            )
         cfg = dict(r["result"]["config"])
         cfg.update(expand_point(r.get("params", {})))
         variant, rule = cfg.get("variant", "sam"), cfg.get("rule", "LP")
@@ -40,7 +57,7 @@ def rows_from_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, An
                 "lr": cfg["lr"],
                 "rho": cfg["rho"],
                 "seed": cfg.get("seed", 0),
-                "acc": r["result"]["best_test_acc"],
+                "acc": sign * r["result"][field],
                 "acc_exact": r["result"].get("test_acc_exact"),
                 "diverged": bool(r["result"]["diverged"]),
             }
@@ -274,16 +291,22 @@ def _pm(mean: float | None, ci: float | None, signed: bool = False) -> str:
     return text if ci is None else f"{text}±{ci:.4f}"
 
 
-def format_transfer(summary: Mapping[str, Any], by_lr: bool = False) -> str:
+def format_transfer(summary: Mapping[str, Any], by_lr: bool = False, metric: Metric = "acc") -> str:
     """The transfer table as text: ``±`` is the half-width of the 95% interval over seeds
     (paired by seed for the gain and the regret); ``by_lr`` adds, under each width, one line
-    per learning rate with its best ``rho`` and SAM's gain over SGD at that learning rate."""
+    per learning rate with its best ``rho`` and SAM's gain over SGD at that learning rate.
+    ``metric="loss"``: the values are minus the best validation loss (a gain is a reduction)."""
+    name, base = ("test acc", "SGD acc") if metric == "acc" else ("-val loss", "-SGD loss")
     lines = []
+    if metric == "loss":
+        lines.append(
+            "values: minus the best validation loss (nats per token); gain = loss reduction"
+        )
     for par, s in summary["parameterizations"].items():
         lines.append(f"{par}")
         lines.append(
-            f"  {'width':>8} {'best lr':>9} {'best rho':>9} {'test acc':>16} {'exact 1k':>9}"
-            f" {'tied':>5} {'SGD acc':>9} {'SAM gain (paired)':>18}"
+            f"  {'width':>8} {'best lr':>9} {'best rho':>9} {name:>16} {'exact 1k':>9}"
+            f" {'tied':>5} {base:>9} {'SAM gain (paired)':>18}"
         )
         for w in s["widths"]:
             o = s["optimum"][w]

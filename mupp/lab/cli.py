@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
-from ..choices import MODEL_NAMES, PARAMETERIZATIONS, RULES, VARIANTS
+from ..choices import METRICS, MODEL_NAMES, PARAMETERIZATIONS, RULES, VARIANTS
 from . import commands
 from .config import preset_names
 
@@ -256,6 +256,13 @@ def _add_transfer(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="also each other setting's best cell minus this setting's (e.g. mupp), per width, "
         "paired by seed",
+    )
+    tr.add_argument(
+        "--metric",
+        default="acc",
+        choices=list(METRICS),
+        help="acc: best-epoch test accuracy; loss: the best validation loss (language models), "
+        "shown negated so that higher is better and a gain is a reduction",
     )
     tr.set_defaults(func=commands.cmd_transfer)
 

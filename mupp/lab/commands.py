@@ -503,7 +503,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep_rows(out: str, storage: str | None) -> list[dict]:
+def _sweep_rows(out: str, storage: str | None, metric: str = "acc") -> list[dict]:
     """The rows of one sweep's finished runs (:func:`rows_from_records`)."""
     if storage is None and not (Path(out) / "sweep.db").exists():
         raise ValueError(
@@ -515,7 +515,7 @@ def _sweep_rows(out: str, storage: str | None) -> list[dict]:
         raise ValueError(f"the storage for {out} holds no mupp sweep") from None
     if not records:
         raise ValueError(f"no finished runs in the sweep at {out}")
-    return rows_from_records(records)
+    return rows_from_records(records, metric)
 
 
 # the run fields that ``mupp plot``/``mupp transfer`` can filter on, as ``--<key>s 1,2``
@@ -526,12 +526,13 @@ def _rows(args: argparse.Namespace) -> list[dict]:
     def cell(r: dict) -> tuple:
         return r["setting"], r["width"], r["lr"], r["rho"], r["seed"]
 
-    rows = _sweep_rows(args.out, args.storage)
+    metric = getattr(args, "metric", "acc")
+    rows = _sweep_rows(args.out, args.storage, metric)
     for other in getattr(args, "also", None) or []:
         # a companion sweep's copy of a cell this analysis already has (e.g. shared SGD runs
         # in both sweeps) would count one seed twice
         have = {cell(r) for r in rows}
-        rows += [r for r in _sweep_rows(other, None) if cell(r) not in have]
+        rows += [r for r in _sweep_rows(other, None, metric) if cell(r) not in have]
     for key in RUN_FILTERS:
         flag = f"{key}s"
         keep = getattr(args, flag, None)
@@ -558,7 +559,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_transfer(args: argparse.Namespace) -> int:
     """``mupp transfer``: optimum per width, its shift, transfer regret and SAM's gain, with CIs."""
     summary = transfer_summary(_rows(args), versus=args.versus)
-    print(format_transfer(summary, by_lr=args.by_lr))
+    summary["metric"] = args.metric
+    print(format_transfer(summary, by_lr=args.by_lr, metric=args.metric))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:

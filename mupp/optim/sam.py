@@ -199,6 +199,13 @@ class SAM(torch.optim.Optimizer):
             id(p): perturbation.is_perturbed(infos[id(p)], self.variant, perturb)
             for p in all_params
         }
+        if all_params and not any(selected.values()):
+            raise ValueError(
+                f"variant {self.variant!r} perturbs no parameter of this model (last-layer: no "
+                "output-like readout; a readout tied to the input embedding is input-like, so "
+                "untie it to perturb the readout alone; sam-on: no normalization layer); "
+                "check the roles with mupp.describe(model)"
+            )
         theory_variant, roles = THEORY_VARIANT[self.variant]
         if perturb is not None:
             roles = {infos[id(p)].role for p in all_params if selected[id(p)]} - {"fixed"}
