@@ -285,3 +285,19 @@ def test_run_directories_identify_configurations_by_value():
     assert run_key({**lp_implicit, "rho": 0}) == run_key({**lp_implicit, "rho": 0.0})
     assert run_key({**lp_implicit, "rule": "DP"}) != run_key(lp_implicit)
     assert run_key({**lp_implicit, "width": 256}) != run_key(lp_implicit)
+
+
+def test_metric_loss_maximizes_minus_the_validation_loss():
+    recs = [rec("mupp", 64, 0.003, rho, 0.3, seed) for rho in (0.0, 0.2) for seed in (0, 1)]
+    for r, loss in zip(recs, (2.60, 2.62, 2.50, 2.53)):
+        r["result"]["best_test_loss"] = loss
+    rows = rows_from_records(recs, metric="loss")
+    assert sorted({r["acc"] for r in rows}) == [-2.62, -2.60, -2.53, -2.50]
+    o = transfer_summary(rows)["parameterizations"]["mupp"]["optimum"][64]
+    assert o["rho"] == 0.2 and o["sam_gain_diff"]["mean"] == pytest.approx(0.095)  # a reduction
+    text = format_transfer(transfer_summary(rows), metric="loss")
+    assert text.startswith("values: minus the best validation loss") and "-val loss" in text
+    with pytest.raises(ValueError, match="a run has no best_test_loss"):
+        rows_from_records(study(), metric="loss")
+    with pytest.raises(ValueError, match="metric must be one of"):
+        rows_from_records(recs, metric="bpc")

@@ -650,3 +650,16 @@ def test_step_completes_a_pending_first_step_and_runs_the_closure_once():
         assert torch.equal(p, q)
     with pytest.raises(RuntimeError, match="SAMTrainer"):
         opt.step()
+
+
+def test_a_variant_that_perturbs_nothing_is_refused():
+    from mupp.models import GPT
+
+    tied = GPT(width=32, base_width=16, n_layer=1, n_head=2, block_size=8, vocab_size=11)
+    with pytest.raises(ValueError, match="variant 'last-layer' perturbs no parameter"):
+        SAM(tied.parameters(), torch.optim.AdamW, lr=1e-3, rho=0.1, variant="last-layer")
+    untied = GPT(width=32, base_width=16, n_layer=1, n_head=2, block_size=8, vocab_size=11,
+                 tie_readout=False)  # fmt: skip
+    opt = SAM(untied.parameters(), torch.optim.AdamW, lr=1e-3, rho=0.1, variant="last-layer")
+    perturbed = [p for g in opt.param_groups if g["perturb"] for p in g["params"]]
+    assert perturbed == [untied.readout.weight]
