@@ -31,6 +31,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _report import write_json
 
 import mupp
 from mupp.models import MLP, ResNet8
@@ -337,10 +338,7 @@ def main() -> None:
     if args.memory_only:
         mem = memory_table(list(models), methods, 3, args.device, args.memory_warmup)
         _print_memory(mem)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"device": args.device, "torch": torch.__version__, "memory": mem}, f)
-            print(f"wrote {args.json}")
+        write_json(args.json, {"device": args.device, "torch": torch.__version__, "memory": mem})
         return
     res = bench(models, methods, args.steps, args.repeats, args.device)
     t = res["times"]
@@ -391,10 +389,7 @@ def main() -> None:
     )
     if args.memory:
         _print_memory(out["memory"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-        print(f"wrote {args.json}")
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import time
 
 import torch
 import torch.nn.functional as F
+from _report import write_json
 
 from mupp.lab import data as data_mod
 from mupp.lab.config import TrainConfig, make_model
@@ -131,9 +131,7 @@ def main() -> None:
             f"width {w:>5}: runs/hour ({args.layout_epochs}-epoch runs) "
             + ", ".join(f"{k}: {v:.0f}" for k, v in r.items())
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+    write_json(args.json, res)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ two sets of per-epoch test losses and accuracies.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from _report import write_json
 
 from mupp.lab import data
 from mupp.lab.train import train
@@ -102,10 +102,7 @@ def main() -> None:
             f"max rel. test-loss diff {diff_loss:.2e}, max best-acc diff {diff_acc:.4f}",
             flush=True,
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-        print(f"wrote {args.json}")
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

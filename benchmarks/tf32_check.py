@@ -11,10 +11,10 @@ TF32 only where this shows no change.  On a CPU both runs are fp32 (the flags do
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from _report import write_json
 
 from mupp.lab import data
 from mupp.lab.vectorized import train_group
@@ -71,10 +71,7 @@ def main() -> None:
         f"{out['device']}: width {args.width}, max best-accuracy difference TF32 - fp32 "
         f"{diff * 100:.2f} points; TF32 {out['speedup_tf32']:.2f}x the speed of fp32"
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-        print(f"wrote {args.json}")
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":
