@@ -23,9 +23,9 @@ from . import data as data_mod
 
 # base widths of the built-in checks (a ResNet's width is its first stage's channel count)
 DEFAULT_BASE = {"mlp": 64, "resnet8": 8, "resnet10": 8, "resnet18": 8, "vit": 32, "gpt": 64}
-# the GPT of the built-in checks: 2 blocks of 4 heads on random characters (Tiny Shakespeare's
+# the GPT of the built-in checks (the language-model study's: untied readout): 2 blocks of 4 heads on random characters (Tiny Shakespeare's
 # alphabet size) in contexts of 32
-GPT_CHECK = dict(n_layer=2, n_head=4, block_size=32, vocab_size=65)
+GPT_CHECK = dict(n_layer=2, n_head=4, block_size=32, vocab_size=65, tie_readout=False)
 
 
 def check_model(
