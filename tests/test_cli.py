@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import mupp
 from mupp.lab.cli import main
 
@@ -75,3 +77,11 @@ def test_readme_api_example_runs():
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["loss"].ndim == 0
+
+
+def test_models_widths_that_are_not_numbers_get_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["models", "--widths", "abc"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "expected comma-separated numbers, got 'abc'" in err and "lambda" not in err

@@ -663,3 +663,10 @@ def test_a_variant_that_perturbs_nothing_is_refused():
     opt = SAM(untied.parameters(), torch.optim.AdamW, lr=1e-3, rho=0.1, variant="last-layer")
     perturbed = [p for g in opt.param_groups if g["perturb"] for p in g["params"]]
     assert perturbed == [untied.readout.weight]
+
+
+def test_eps_for_an_optimizer_without_one_names_norm_eps():
+    model = prepared_mlp()
+    with pytest.raises(ValueError, match=r"eps: SGD takes no eps; .*norm_eps=1e-12"):
+        SAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=0.05, eps=1e-12)
+    SAM(model.parameters(), torch.optim.AdamW, lr=0.1, rho=0.05, eps=1e-8)  # Adam's own eps

@@ -352,3 +352,14 @@ def test_every_shipped_preset_validates_and_orders_its_whole_grid(name):
         assert sorted(declared) == sorted(grid)
         first = points[0][declared[0]], points[-1][declared[0]]
         assert first == (grid[declared[0]][0], grid[declared[0]][-1])
+
+
+def test_workers_are_capped_at_the_queued_points_and_warned_above_the_cores(capsys):
+    from mupp.lab.sweep import _worker_count
+
+    assert _worker_count(2, 5) == 2
+    assert _worker_count(2, 1) == 1
+    with pytest.warns(UserWarning, match="exceeds the .* CPU cores"):
+        assert _worker_count(64, 4) == 4
+    assert "64 workers asked for 4 queued point(s): starting 4" in capsys.readouterr().out
+    assert _worker_count(3, 0) == 1  # nothing queued: one worker waits for the others

@@ -371,7 +371,7 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
 def _add_models(sub: argparse._SubParsersAction) -> None:
     """``mupp models``."""
     m = sub.add_parser("models", help="list the models with parameter counts at given widths")
-    m.add_argument("--widths", type=lambda s: [float(x) for x in s.split(",")], default=None)
+    m.add_argument("--widths", type=float_list, default=None)
     m.set_defaults(func=commands.cmd_models)
 
 

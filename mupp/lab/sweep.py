@@ -566,6 +566,7 @@ def run_sweep(
             f"{GRACE_PERIOD + HEARTBEAT_INTERVAL} s stale (rerun then, or --reclaim-running "
             "when no other worker is alive)"
         )
+    workers = _worker_count(workers, counts["waiting"])
     if workers == 1:
         _run_with_progress(
             url, str(out_dir), total, counts["done"], progress, None, vectorize, keep_checkpoints
@@ -591,6 +592,23 @@ def run_sweep(
                 f"{len(bad)} sweep worker(s) failed (exit codes {bad}); rerun to resume"
             )
     return load_results(url)
+
+
+def _worker_count(workers: int, queued: int) -> int:
+    """``workers`` capped at the number of queued points (a worker with nothing to pop only
+    costs memory, about 350 MB each), with a warning above the CPU count."""
+    cpus = os.cpu_count() or 1
+    if workers > cpus:
+        warnings.warn(
+            f"--workers {workers} exceeds the {cpus} CPU cores: workers share cores and each "
+            "holds its own model and data",
+            UserWarning,
+            stacklevel=3,
+        )
+    capped = max(1, min(workers, queued))
+    if capped < workers:
+        print(f"  {workers} workers asked for {queued} queued point(s): starting {capped}")
+    return capped
 
 
 def _run_with_progress(

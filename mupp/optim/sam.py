@@ -9,6 +9,7 @@ the exact saved weights and lets the base optimizer step with that gradient.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -52,6 +53,7 @@ def _check_arguments(
     ascent_weight_decay: Any,
     norm_eps: Any,
     weight_multipliers: Mapping[str, float] | str | None,
+    base_kwargs: Mapping[str, Any],
 ) -> dict[str, float]:
     """Check :class:`SAM`'s arguments before anything is built; returns the weight multipliers
     as ``{role: a}`` (a preset name resolved)."""
@@ -74,6 +76,13 @@ def _check_arguments(
         )
     if isinstance(weight_multipliers, str):
         check_choice("weight_multipliers", weight_multipliers, tuple(WEIGHT_MULTIPLIER_PRESETS))
+    accepted = inspect.signature(base_optimizer).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    if "eps" in base_kwargs and "eps" not in accepted and not takes_any:
+        raise ValueError(
+            f"eps: {base_optimizer.__name__} takes no eps; the stabilizer of SAM's ascent norm "
+            f"is norm_eps (SAM(..., norm_eps={base_kwargs['eps']!r}))"
+        )
         weight_multipliers = WEIGHT_MULTIPLIER_PRESETS[weight_multipliers]
     return dict(weight_multipliers or {})
 
@@ -156,6 +165,7 @@ class SAM(torch.optim.Optimizer):
             ascent_weight_decay=ascent_weight_decay,
             norm_eps=norm_eps,
             weight_multipliers=weight_multipliers,
+            base_kwargs=base_kwargs,
         )
         if model is not None:
             reattach(model)
