@@ -276,3 +276,36 @@ def test_concurrent_first_starts_on_a_new_folder(tmp_path):
         assert p.returncode == 0, err.decode()[-2000:]
         assert b"IntegrityError" not in err
     assert main(["transfer", "--out", str(tmp_path)]) == 0
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        (
+            "[train]\nepochs = 1\n[trian]\nepochs = 2\n[grid]\nrho = [0.0]\n",
+            "unknown table(s) ['trian']",
+        ),
+        (
+            '[train]\nepochs = 1\n[grid]\nrho = [0.0]\n[sweeep]\norder = ["rho"]\n',
+            "unknown table(s) ['sweeep']",
+        ),
+        ('[grid]\nrho = [0.0]\n[sweep]\nordr = ["rho"]\n', "[sweep] has unknown keys ['ordr']"),
+        (
+            '[grid]\nrho = [0.0]\n[sweep]\norder = ["nosuch", "rho"]\n',
+            "[sweep] order names ['nosuch']",
+        ),
+    ],
+)
+def test_misspelled_config_tables_are_refused(tmp_path, capsys, text, fragment):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    one_line_error(["sweep", "--config", str(cfg), "--out", str(tmp_path / "s")], capsys, fragment)
+
+
+def test_train_refuses_to_start_over_a_resumable_run_silently(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(TRAIN + ["--out", str(out), "--set", "train_subset=128"]) == 0
+    capsys.readouterr()
+    one_line_error(TRAIN + ["--out", str(out), "--set", "train_subset=128"], capsys,
+                   "holds a run that can resume", "--resume", "--restart")  # fmt: skip
+    assert main(TRAIN + ["--out", str(out), "--set", "train_subset=128", "--restart"]) == 0

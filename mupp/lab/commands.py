@@ -24,7 +24,7 @@ from ..models import build, count_params
 from ..optim import SAM
 from . import data, demo
 from .analysis import format_transfer, rows_from_records, transfer_summary
-from .checkpoint import discard_run
+from .checkpoint import CHECKPOINT_FILE, SHARDED_DIR, discard_run
 from .checks import (
     DEFAULT_BASE,
     check_model,
@@ -407,6 +407,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("give either --resume or --restart, not both")
     if args.restart and args.out:
         _discard_checkpoint(args.out)
+    elif args.out and not args.resume and _has_checkpoint(Path(args.out)):
+        raise ValueError(
+            f"--out {args.out} holds a run that can resume: pass --resume to continue it, or "
+            "--restart to start it over"
+        )
     result = train(
         cfg,
         args.out,
@@ -423,6 +428,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.out:
         print(f"wrote {args.out}/result.json")
     return 0
+
+
+def _has_checkpoint(out: Path) -> bool:
+    """Whether ``out`` holds a run's checkpoint (a file, or a sharded run's directory)."""
+    names = (CHECKPOINT_FILE, SHARDED_DIR, SHARDED_DIR + ".old")
+    return out.is_dir() and any((out / n).exists() for n in names)
 
 
 def _discard_checkpoint(out: str) -> None:
@@ -464,7 +475,12 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict, list | None]:
         )
     order = spec.get("sweep", {}).get("order")
     if order is not None:
-        order = [k for k in order if k in grid] + [k for k in grid if k not in order]
+        unknown = [k for k in order if k not in grid]
+        if unknown:
+            raise ValueError(
+                f"[sweep] order names {unknown}, not axes of the grid (axes: {sorted(grid)})"
+            )
+        order = list(order) + [k for k in grid if k not in order]
     for point in grid_points(grid, order):  # every point is valid before any work starts
         try:
             TrainConfig.from_dict({**base, **expand_point(point)})

@@ -222,7 +222,32 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"config file {str(path)!r} is malformed: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a table of options")
+    _check_tables(data, path)
     return data
+
+
+CONFIG_TABLES = {"train": None, "grid": None, "sweep": ("order",)}  # table -> its keys
+
+
+def _check_tables(data: Mapping[str, Any], path: Path) -> None:
+    """A file with tables may hold only [train], [grid] and [sweep] (a misspelled table would
+    be ignored otherwise), and [sweep] only its known keys."""
+    tables = [k for k, v in data.items() if isinstance(v, dict) and k != "model_kwargs"]
+    if not any(k in CONFIG_TABLES for k in tables) and not any(k in CONFIG_TABLES for k in data):
+        return  # a flat file of training options: TrainConfig checks every key
+    unknown = [k for k in data if k not in CONFIG_TABLES]
+    if unknown:
+        raise ValueError(
+            f"config file {str(path)!r}: unknown table(s) {unknown}; expected "
+            f"{', '.join(f'[{t}]' for t in CONFIG_TABLES)}"
+        )
+    sweep = data.get("sweep", {})
+    bad = sorted(set(sweep) - set(CONFIG_TABLES["sweep"])) if isinstance(sweep, dict) else []
+    if bad:
+        raise ValueError(
+            f"config file {str(path)!r}: [sweep] has unknown keys {bad}; expected "
+            f"{list(CONFIG_TABLES['sweep'])}"
+        )
 
 
 def make_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
