@@ -74,8 +74,6 @@ def _check_arguments(
         raise ValueError(
             f"rule {rule!r} is defined for variant 'sam' and its subsets; {variant!r} needs rule='LP'"
         )
-    if isinstance(weight_multipliers, str):
-        check_choice("weight_multipliers", weight_multipliers, tuple(WEIGHT_MULTIPLIER_PRESETS))
     accepted = inspect.signature(base_optimizer).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     if "eps" in base_kwargs and "eps" not in accepted and not takes_any:
@@ -83,6 +81,8 @@ def _check_arguments(
             f"eps: {base_optimizer.__name__} takes no eps; the stabilizer of SAM's ascent norm "
             f"is norm_eps (SAM(..., norm_eps={base_kwargs['eps']!r}))"
         )
+    if isinstance(weight_multipliers, str):
+        check_choice("weight_multipliers", weight_multipliers, tuple(WEIGHT_MULTIPLIER_PRESETS))
         weight_multipliers = WEIGHT_MULTIPLIER_PRESETS[weight_multipliers]
     return dict(weight_multipliers or {})
 
