@@ -38,6 +38,17 @@ RULES: tuple[str, ...] = get_args(Rule)
 # The rules that divide every layer's ε by one joint norm over all layers (Def. 4, Remark F.4).
 JOINT_RULES: tuple[str, ...] = ("LP", "DP")
 
+# Where SAM's perturbation points (the issue of cheap SAM): along a fresh gradient at W (the
+# two-pass step of Foret et al.), or along the base optimizer's momentum (Momentum-SAM, Becker
+# et al. 2024: one forward and one backward, at the perturbed point).
+Ascent = Literal["gradient", "momentum"]
+ASCENTS: tuple[str, ...] = get_args(Ascent)
+
+# What the steps between two full SAM steps reuse (``SAM(every=k)``): LookSAM's change of the
+# gradient (Liu et al. 2022, per layer), or nothing (a plain base step).
+Reuse = Literal["looksam"]
+REUSES: tuple[str, ...] = get_args(Reuse)
+
 # The two families of base optimizers whose μP learning-rate exponents differ (Table 1).
 OptimizerKind = Literal["sgd", "adam"]
 OPTIMIZER_KINDS: tuple[str, ...] = get_args(OptimizerKind)
@@ -80,6 +91,13 @@ def check_nonneg(name: str, value: Any) -> None:
     v = float(value)
     if not (v >= 0.0 and v != float("inf")):
         raise ValueError(f"{name} must be a non-negative finite number; got {value!r}")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming the argument unless ``value`` is an integer ``>= 1`` (a
+    bool or a float such as ``2.5`` or ``2.0`` is refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
 
 def _is_scalar_tensor(value: Any) -> bool:

@@ -84,7 +84,10 @@ def sam_passes(
     mode: PerturbationSync = "sync",
 ) -> torch.Tensor:
     """One SAM step on a (possibly DDP-wrapped) model: ascent pass, perturbation, descent
-    pass with BatchNorm statistics frozen, restore and base step.  Returns the first loss."""
+    pass with BatchNorm statistics frozen, restore and base step.  Returns the first loss.
+    A step that needs no ascent gradient (``ascent="momentum"``, the steps between the full
+    steps of ``every=k``: :attr:`mupp.SAM.needs_ascent_gradient`) takes one pass, after
+    :meth:`~mupp.SAM.first_step`, and returns its loss."""
     check_choice("mode", mode, PERTURBATION_SYNCS)
     if mode == "local" and is_fsdp(model):
         raise ValueError(
@@ -93,6 +96,16 @@ def sam_passes(
             "unsharded local gradient that does not match its parameter shards; use 'sync' "
             "(SAM on the global batch) or DistributedDataParallel for m-sharpness"
         )
+    if not opt.needs_ascent_gradient:
+        opt.first_step(zero_grad=True)
+        try:
+            loss = loss_fn()
+            loss.backward()
+        except BaseException:
+            opt.restore()
+            raise
+        opt.second_step(zero_grad=True)
+        return loss
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     local = mode == "local" and is_ddp
     # outside DDP, unperturbed parameters skip their ascent gradients (last-layer SAM: Remark 3)

@@ -7,7 +7,7 @@ import pytest
 
 from mupp.lab import confidence
 from mupp.lab.analysis import aggregate, format_transfer, rows_from_records, transfer_summary
-from mupp.lab.sweep import canonical_config, expand_point, grid_points, run_key
+from mupp.lab.sweep import canonical_config, expand_point, format_pass_plan, grid_points, run_key
 
 T2 = 4.302652729911275  # t_{0.975, 2}
 
@@ -211,9 +211,28 @@ def test_settings_axis_expands_and_equivalent_points_share_a_run():
         "variant": "sam",
         "rule": "DP",
     }
-    for bad in ("", "mupp//DP", "a/b/c/d", 3):
+    for bad in ("", "mupp//DP", "a/b/c/d/e", 3):
         with pytest.raises(ValueError, match="PARAMETERIZATION/VARIANT/RULE"):
             expand_point({"setting": bad})
+    # the 4th part, a pass plan, round-trips through the names the analysis prints
+    plans = {
+        "two-pass": {},
+        "momentum": {"ascent": "momentum"},
+        "looksam5": {"every": 5, "reuse": "looksam"},
+        "every3": {"every": 3},
+    }
+    for name, options in plans.items():
+        point = expand_point({"setting": f"mupp/sam/LP/{name}"})
+        assert point == {"parameterization": "mupp", "variant": "sam", "rule": "LP", **options}
+        assert format_pass_plan(point) == name
+    for bad in ("looksam0", "every", "lookahead5", "momentum2"):
+        with pytest.raises(ValueError, match="pass plan must be 'two-pass', 'momentum'"):
+            expand_point({"setting": f"mupp/sam/LP/{bad}"})
+    # without perturbation there is no pass plan: every SGD point is the same run
+    cheap = canonical_config(
+        {"base_width": 64, "width": 256, "rule": "LP", "rho": 0.0, **plans["looksam5"]}
+    )
+    assert "every" not in cheap and "reuse" not in cheap
     base = {"base_width": 64, "width": 256, "rule": "LP"}
     sgd = [
         canonical_config({**base, **expand_point({"setting": s, "rho": 0.0})})

@@ -20,7 +20,15 @@ RHO, LR = 0.1, 0.05
 data = step_data
 
 
-def _worker(rank, world, init_file, out_file, mode, parameterization):
+PLANS = {
+    "two-pass": {},
+    "momentum": dict(ascent="momentum"),
+    "looksam": dict(every=3, reuse="looksam"),
+    "every": dict(every=3),
+}
+
+
+def _worker(rank, world, init_file, out_file, mode, parameterization, plan):
     init_gloo(rank, world, init_file)
     torch.manual_seed(0)
     model = prepared_mlp(32, 8)
@@ -32,6 +40,7 @@ def _worker(rank, world, init_file, out_file, mode, parameterization):
         rho=RHO,
         parameterization=parameterization,
         momentum=0.9,
+        **PLANS[plan],
     )
     for step in range(STEPS):
         x, y = data(step, rank)
@@ -44,11 +53,11 @@ def _worker(rank, world, init_file, out_file, mode, parameterization):
     dist.destroy_process_group()
 
 
-def run_ddp(tmp_path, mode, parameterization="mupp"):
+def run_ddp(tmp_path, mode, parameterization="mupp", plan="two-pass"):
     out = tmp_path / f"{mode}.pt"
     tmp.spawn(
         _worker,
-        args=(2, str(tmp_path / f"init_{mode}"), str(out), mode, parameterization),
+        args=(2, str(tmp_path / f"init_{mode}"), str(out), mode, parameterization, plan),
         nprocs=2,
     )
     return torch.load(out)
@@ -60,10 +69,13 @@ def model0():
     return prepared_mlp(32, 8)
 
 
-def test_sync_equals_single_process_on_the_concatenated_batch(tmp_path, model0):
-    got = run_ddp(tmp_path, "sync")
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_sync_equals_single_process_on_the_concatenated_batch(tmp_path, model0, plan):
+    """Two processes against one, for two-pass SAM and each cheap plan (STEPS = 4 covers a
+    full step, the steps between and the next full step of every=3)."""
+    got = run_ddp(tmp_path, "sync", plan=plan)
     model = model0
-    opt = mupp.SAM(model.parameters(), torch.optim.SGD, lr=LR, rho=RHO, momentum=0.9)
+    opt = mupp.SAM(model.parameters(), torch.optim.SGD, lr=LR, rho=RHO, momentum=0.9, **PLANS[plan])
     for step in range(STEPS):
         x, y = data(step)
         sam_passes(model, opt, lambda x=x, y=y: F.cross_entropy(model(x), y))

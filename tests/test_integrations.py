@@ -65,7 +65,7 @@ class Tokens(torch.utils.data.Dataset):
 SAM_KW = dict(lr=0.5, rho=0.05, parameterization="mupp", momentum=0.9)
 
 
-def run_trainer(model, tmp_path, steps, accumulation=1, max_grad_norm=0.0):
+def run_trainer(model, tmp_path, steps, accumulation=1, max_grad_norm=0.0, plan=None):
     from mupp.integrations.huggingface import SAMTrainer
 
     seen = []
@@ -89,20 +89,28 @@ def run_trainer(model, tmp_path, steps, accumulation=1, max_grad_norm=0.0):
         use_cpu=True,
         seed=0,
     )
-    opt = mupp.SAM(model.parameters(), torch.optim.SGD, **SAM_KW)
+    opt = mupp.SAM(model.parameters(), torch.optim.SGD, **SAM_KW, **(plan or {}))
     trainer = Recording(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, None))
     trainer.train()
     assert trainer.state.global_step == steps
     return seen
 
 
-def test_samtrainer_equals_a_hand_written_sam_loop(tmp_path):
+PLANS = {
+    "two-pass": {},
+    "momentum": dict(ascent="momentum"),
+    "looksam": dict(every=2, reuse="looksam"),
+}
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_samtrainer_equals_a_hand_written_sam_loop(tmp_path, plan):
     model = tiny_gpt2()
     ref = copy.deepcopy(model)
     mupp.reattach(ref)
-    batches = run_trainer(model, tmp_path, steps=3)
+    batches = run_trainer(model, tmp_path, steps=3, plan=PLANS[plan])
     assert len(batches) == 3
-    opt = mupp.SAM(ref.parameters(), torch.optim.SGD, **SAM_KW)
+    opt = mupp.SAM(ref.parameters(), torch.optim.SGD, **SAM_KW, **PLANS[plan])
     ref.train()
     for b in batches:
 

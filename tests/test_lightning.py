@@ -23,28 +23,37 @@ def loader():
     return torch.utils.data.DataLoader(ds, batch_size=16, shuffle=False)
 
 
+PLANS = {
+    "two-pass": {},
+    "momentum": dict(ascent="momentum"),
+    "looksam": dict(every=2, reuse="looksam"),
+}
+
+
 class Automatic(L.LightningModule):
-    def __init__(self, net):
+    def __init__(self, net, plan=None):
         super().__init__()
         self.net = net
+        self.plan = plan or {}
 
     def training_step(self, batch, _):
         x, y = batch
         return F.cross_entropy(self.net(x), y)
 
     def configure_optimizers(self):
-        return mupp.SAM(self.net.parameters(), torch.optim.SGD, **KW)
+        return mupp.SAM(self.net.parameters(), torch.optim.SGD, **KW, **self.plan)
 
 
 class Manual(Automatic):
-    def __init__(self, net):
-        super().__init__(net)
+    def __init__(self, net, plan=None):
+        super().__init__(net, plan)
         self.automatic_optimization = False
 
     def training_step(self, batch, _):
         x, y = batch
         opt = self.optimizers()
-        self.manual_backward(F.cross_entropy(self.net(x), y))
+        if opt.optimizer.needs_ascent_gradient:  # a full step: the gradient at W first
+            self.manual_backward(F.cross_entropy(self.net(x), y))
         opt.optimizer.first_step(zero_grad=True)  # W <- W + ε
         loss = F.cross_entropy(self.net(x), y)
         self.manual_backward(loss)
@@ -53,8 +62,8 @@ class Manual(Automatic):
         return loss
 
 
-def hand_loop(net, steps):
-    opt = mupp.SAM(net.parameters(), torch.optim.SGD, **KW)
+def hand_loop(net, steps, plan=None):
+    opt = mupp.SAM(net.parameters(), torch.optim.SGD, **KW, **(plan or {}))
     for i, (x, y) in enumerate(loader()):
         if i == steps:
             break
@@ -77,14 +86,15 @@ def fit(module, steps, tmp_path):
     return trainer
 
 
+@pytest.mark.parametrize("plan", sorted(PLANS))
 @pytest.mark.parametrize("kind", ["automatic", "manual"])
-def test_lightning_equals_hand_loop(kind, tmp_path):
+def test_lightning_equals_hand_loop(kind, plan, tmp_path):
     torch.manual_seed(0)
     net = MLP(width=128, base_width=64)
     ref = mupp.reattach(copy.deepcopy(net))
-    module = (Automatic if kind == "automatic" else Manual)(net)
-    trainer = fit(module, 2, tmp_path)
-    assert trainer.global_step == 2  # manual: opt.step() advanced it, max_steps stopped it
-    hand_loop(ref, 2)
+    module = (Automatic if kind == "automatic" else Manual)(net, PLANS[plan])
+    trainer = fit(module, 3, tmp_path)
+    assert trainer.global_step == 3  # manual: opt.step() advanced it, max_steps stopped it
+    hand_loop(ref, 3, PLANS[plan])
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

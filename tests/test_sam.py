@@ -670,3 +670,236 @@ def test_eps_for_an_optimizer_without_one_names_norm_eps():
     with pytest.raises(ValueError, match=r"eps: SGD takes no eps; .*norm_eps=1e-12"):
         SAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=0.05, eps=1e-12)
     SAM(model.parameters(), torch.optim.AdamW, lr=0.1, rho=0.05, eps=1e-8)  # Adam's own eps
+
+
+# ---------------------------------------------------------------- cheap SAM: momentum, every=k
+
+PLANS = {
+    "momentum": dict(ascent="momentum"),
+    "looksam": dict(every=3, reuse="looksam"),
+    "every": dict(every=3),
+}
+
+
+def manual_step(model, opt, scaler=None, poison=None):
+    """One step in the documented manual loop: the ascent pass only when the step needs it."""
+
+    def backward():
+        loss = loss_fn(model)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if poison is not None:
+            poison(model)
+
+    if opt.needs_ascent_gradient:
+        backward()
+    opt.first_step(zero_grad=True, scaler=scaler)
+    backward()
+    opt.second_step(zero_grad=True, scaler=scaler)
+
+
+def closure_for(model):
+    def closure():
+        loss = loss_fn(model)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_every_one_is_two_pass_sam_bitwise():
+    torch.manual_seed(3)
+    a = prepared_mlp()
+    b = copy.deepcopy(a)
+    mupp.reattach(b)
+    opt_a = SAM(a.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, momentum=0.9)
+    opt_b = SAM(b.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, momentum=0.9, every=1)
+    for _ in range(4):
+        opt_a.step(closure_for(a))
+        opt_a.zero_grad()
+        manual_step(b, opt_b)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize(
+    "base,kw", [(torch.optim.SGD, dict(momentum=0.9)), (torch.optim.AdamW, {})]
+)
+def test_momentum_sam_first_step_is_the_base_step_then_steps_against_the_momentum(base, kw):
+    torch.manual_seed(4)
+    m = prepared_mlp().double()  # float64: W + ε - W is ε
+    ref = copy.deepcopy(m)
+    mupp.reattach(ref)
+    opt = SAM(m.parameters(), base, lr=0.01, rho=0.1, ascent="momentum", **kw)
+    kind = "sgd" if base is torch.optim.SGD else "adam"
+    groups = mupp.mup_param_groups(ref.parameters(), 0.01, kind, "mupp", None)
+    opt_ref = base(groups, lr=0.01, **kw)
+    assert not opt.needs_ascent_gradient
+    opt.step(closure_for(m))  # no momentum yet: ε = 0, the base step
+    opt.zero_grad()
+    closure_for(ref)()
+    opt_ref.step()
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), ref.parameters()))
+    # the next ε is -ρ num_l v_l / sqrt(Σ den_k² ||v_k||²) with v the momentum (Def. 4)
+    key = "momentum_buffer" if kind == "sgd" else "exp_avg"
+    w = {p: p.detach().clone() for p in m.parameters()}
+    v = {p: opt.base_optimizer.state[p][key].clone() for p in m.parameters()}
+    opt.first_step()
+    groups = {id(p): g for g in opt.param_groups for p in g["params"]}
+    total = math.sqrt(sum((groups[id(p)]["pert_den"] * v[p].norm()) ** 2 for p in v))
+    for p in m.parameters():
+        expected = -0.1 * groups[id(p)]["pert_num"] * v[p] / total
+        torch.testing.assert_close(p.detach() - w[p], expected, rtol=1e-5, atol=1e-8)
+    opt.restore()
+
+
+def test_looksam_reuses_the_orthogonal_component_per_layer():
+    """Between full steps: g_l + α ||g_l|| g_v,l / ||g_v,l||, with g_v the last full step's SAM
+    gradient minus its projection on the gradient at W (Liu et al., per layer)."""
+    torch.manual_seed(6)
+    m = prepared_mlp().double()
+    opt = SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.2, every=2, reuse="looksam")
+    assert opt.needs_ascent_gradient
+    loss_fn(m).backward()
+    g = {p: p.grad.clone() for p in m.parameters()}
+    opt.first_step(zero_grad=True)
+    loss_fn(m).backward()
+    gs = {p: p.grad.clone() for p in m.parameters()}
+    opt.second_step(zero_grad=True)
+    assert not opt.needs_ascent_gradient and opt.param_groups[0]["sam_step"] == 1
+    for p in m.parameters():
+        gv = gs[p] - (gs[p] * g[p]).sum() / g[p].norm() ** 2 * g[p]
+        torch.testing.assert_close(opt.base_optimizer.state[p]["looksam_direction"], gv)
+        assert abs(float((gv * g[p]).sum())) < 1e-10 * float(gv.norm() * g[p].norm()) + 1e-20
+    w = {p: p.detach().clone() for p in m.parameters()}
+    opt.first_step()  # between full steps: nothing is perturbed
+    assert all(torch.equal(p, w[p]) for p in m.parameters())
+    loss_fn(m).backward()
+    g2 = {p: p.grad.clone() for p in m.parameters()}
+    lr = {id(p): grp["lr"] for grp in opt.param_groups for p in grp["params"]}
+    opt.second_step()
+    for p in m.parameters():
+        d = opt.base_optimizer.state[p]["looksam_direction"]
+        used = g2[p] + 0.7 * g2[p].norm() * d / d.norm()
+        torch.testing.assert_close(p.detach(), w[p] - lr[id(p)] * used)
+
+
+def test_every_k_without_reuse_takes_base_steps_between_full_steps():
+    torch.manual_seed(7)
+    m = prepared_mlp()
+    ref = copy.deepcopy(m)
+    mupp.reattach(ref)
+    opt = SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, every=2)
+    opt_ref = SAM(ref.parameters(), torch.optim.SGD, lr=0.1, rho=0.1)
+    plan = []
+    for i in range(4):
+        plan.append(opt.needs_ascent_gradient)
+        opt.step(closure_for(m))
+        opt.zero_grad()
+        if i % 2 == 0:
+            opt_ref.step(closure_for(ref))
+        else:  # the base step of the same param groups
+            closure_for(ref)()
+            opt_ref.base_optimizer.step()
+        opt_ref.zero_grad()
+    assert plan == [True, False, True, False]
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), ref.parameters()))
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_cheap_sam_resumes_bitwise_mid_cycle(plan):
+    torch.manual_seed(8)
+    a = prepared_mlp()
+    opt = SAM(a.parameters(), torch.optim.SGD, lr=0.05, rho=0.1, momentum=0.9, **PLANS[plan])
+    for _ in range(4):  # 4 steps of a cycle of 3: mid-cycle, LookSAM's direction kept
+        manual_step(a, opt)
+    sd = copy.deepcopy(opt.state_dict())
+    b = copy.deepcopy(a)
+    mupp.reattach(b)
+    opt_b = SAM(b.parameters(), torch.optim.SGD, lr=0.05, rho=0.1, momentum=0.9, **PLANS[plan])
+    opt_b.load_state_dict(sd)
+    assert opt_b.needs_ascent_gradient == opt.needs_ascent_gradient
+    for _ in range(5):
+        manual_step(a, opt)
+        manual_step(b, opt_b)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_cheap_sam_skips_a_nonfinite_step(plan):
+    torch.manual_seed(9)
+    m = prepared_mlp()
+    opt = SAM(m.parameters(), torch.optim.SGD, lr=0.05, rho=0.1, momentum=0.9, **PLANS[plan])
+    manual_step(m, opt)  # a full step (and momentum to perturb along)
+    w = [p.detach().clone() for p in m.parameters()]
+    state = copy.deepcopy(opt.base_optimizer.state_dict()["state"])
+
+    def poison(model):
+        model[2].weight.grad[0, 0] = float("nan")
+
+    manual_step(m, opt, poison=poison)
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(p, w0) for p, w0 in zip(m.parameters(), w))
+    after = opt.base_optimizer.state_dict()["state"]
+    for i, st in state.items():
+        assert all(torch.equal(t, after[i][k]) for k, t in st.items() if torch.is_tensor(t))
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_cheap_sam_gradscaler_path_equals_the_unscaled_one(plan):
+    ref = prepared_mlp()
+    scaled = copy.deepcopy(ref)
+    mupp.reattach(scaled)
+    kw = dict(lr=0.05, rho=0.1, momentum=0.9, **PLANS[plan])
+    opt_ref = SAM(ref.parameters(), torch.optim.SGD, **kw)
+    opt = SAM(scaled.parameters(), torch.optim.SGD, **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for _ in range(5):
+        manual_step(ref, opt_ref)
+        manual_step(scaled, opt, scaler=scaler)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**12
+    for p, q in zip(ref.parameters(), scaled.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_looksam_keeps_every_gradient_for_last_layer_sam():
+    """Last-layer SAM perturbs the readout, but every layer's SAM gradient changes: LookSAM
+    keeps a direction for every parameter."""
+    m = prepared_mlp()
+    opt = SAM(
+        m.parameters(),
+        torch.optim.SGD,
+        lr=0.1,
+        rho=0.1,
+        variant="last-layer",
+        every=2,
+        reuse="looksam",
+    )
+    opt.step(closure_for(m))
+    assert all("looksam_direction" in opt.base_optimizer.state[p] for p in m.parameters())
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(every=0), "every must be a positive integer; got 0"),
+        (dict(every=2.5), "every must be a positive integer; got 2.5"),
+        (dict(every=True), "every must be a positive integer; got True"),
+        (dict(ascent="momentum"), "ascent='momentum' .* SGD has momentum=0"),
+        (dict(ascent="momentum", momentum=0.9, every=3), "use every=1 with it"),
+        (dict(reuse="looksam"), "reuse='looksam' .* needs every=k with k >= 2"),
+        (dict(reuse="look", every=2), "reuse must be one of"),
+        (dict(ascent="adam"), "ascent must be one of"),
+        (dict(reuse_scale=-1.0, every=2), "reuse_scale must be a non-negative finite number"),
+    ],
+)
+def test_bad_cheap_sam_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SAM(prepared_mlp().parameters(), torch.optim.SGD, lr=0.1, rho=0.1, **kw)
+
+
+def test_momentum_sam_needs_a_momentum_mupp_can_read():
+    m = prepared_mlp()
+    with pytest.raises(ValueError, match="AdamW has betas\\[0\\]=0.0"):
+        SAM(m.parameters(), torch.optim.AdamW, lr=0.1, rho=0.1, ascent="momentum", betas=(0.0, 0.9))
+    with pytest.raises(ValueError, match="RMSprop has no momentum mupp knows how to read"):
+        SAM(m.parameters(), torch.optim.RMSprop, lr=0.1, rho=0.1, ascent="momentum", momentum=0.9)

@@ -310,6 +310,16 @@ class SAMTrainer(transformers.Trainer):
     ) -> torch.Tensor:
         """Ascent pass, ``first_step``, then the Trainer's own forward/backward at ``W + ε``."""
         sam = self.sam
+        if not sam.needs_ascent_gradient:  # Momentum-SAM, or between full steps: one pass
+            sam.first_step()
+            try:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            except BaseException:
+                sam.restore()
+                raise
+            if not self.accelerator.sync_gradients:
+                sam.restore()  # the next micro-batch perturbs W afresh
+            return loss
         params = [p for g in sam.param_groups for p in g["params"]]
         earlier = {p: p.grad for p in params if p.grad is not None}  # accumulated descent grads
         for p in earlier:

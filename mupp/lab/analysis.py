@@ -11,7 +11,7 @@ from typing import Any
 
 from ..choices import METRICS, Metric, check_choice
 from . import confidence
-from .sweep import expand_point
+from .sweep import expand_point, format_pass_plan
 
 # the record field each metric reads and its sign: every analysis maximizes ``acc``
 _METRIC_FIELD = {"acc": ("best_test_acc", 1.0), "loss": ("best_test_loss", -1.0)}
@@ -43,10 +43,14 @@ def rows_from_records(
         cfg.update(expand_point(r.get("params", {})))
         variant, rule = cfg.get("variant", "sam"), cfg.get("rule", "LP")
         setting = cfg["parameterization"]
-        if variant != "sam" or rule != "LP":
-            setting += f"/{variant}"
-        if rule != "LP":
-            setting += f"/{rule}"
+        plan = format_pass_plan(cfg)
+        if plan != "two-pass":  # the full form: parameterization/variant/rule/plan
+            setting += f"/{variant}/{rule}/{plan}"
+        else:
+            if variant != "sam" or rule != "LP":
+                setting += f"/{variant}"
+            if rule != "LP":
+                setting += f"/{rule}"
         rows.append(
             {
                 "setting": setting,

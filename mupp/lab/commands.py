@@ -367,6 +367,10 @@ TRAIN_FLAGS = {
     "epochs": (int, "epochs"),
     "seed": (int, "seed"),
     "device": (str, "cpu | cuda"),
+    "ascent": (str, "gradient (two passes) | momentum (Momentum-SAM: one pass)"),
+    "every": (int, "a full SAM step every K steps (one pass between)"),
+    "reuse": (str, "looksam: LookSAM's reused gradient change between full steps"),
+    "reuse_scale": (float, "LookSAM's α"),
 }
 
 

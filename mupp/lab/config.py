@@ -27,15 +27,18 @@ from ..choices import (
     PERTURBATION_SYNCS,
     RULES,
     VARIANTS,
+    Ascent,
     ModelName,
     Parallel,
     Parameterization,
     PerturbationSync,
+    Reuse,
     Rule,
     Variant,
     check_choice,
 )
 from ..models import build
+from ..optim.sam import check_schedule
 from .data import DATASETS, is_text
 
 Optimizer = Literal["sgd", "adamw"]
@@ -87,6 +90,17 @@ class TrainConfig:
     parallel: Parallel = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 shards)
     # last-layer SAM in one forward and one backward (mupp.optim.lastlayer), on one process
     last_layer_fast: bool = True
+    # cheap SAM (mupp.SAM's options of the same names): "momentum" perturbs along the momentum
+    # (one pass); every=k takes a full SAM step every k steps, reuse="looksam" (LookSAM) between
+    ascent: Ascent = "gradient"
+    every: int = 1
+    reuse: Reuse | None = None
+    reuse_scale: float = 0.7
+
+    @property
+    def uses_sam(self) -> bool:
+        """Whether the run perturbs at all (``rho > 0``); ``rho = 0`` is the base optimizer."""
+        return self.rho > 0
 
     def validate(self) -> TrainConfig:
         """Check every field (the first bad one raises ``ValueError`` naming it), normalize
@@ -142,6 +156,12 @@ class TrainConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("perturbation_sync", self.perturbation_sync, PERTURBATION_SYNCS)
         check_choice("parallel", self.parallel, PARALLELS)
+        check_schedule(self.ascent, self.every, self.reuse, self.reuse_scale)
+        if self.ascent == "momentum" and self.optimizer == "sgd" and self.momentum == 0:
+            raise ValueError(
+                "ascent 'momentum' perturbs along SGD's momentum: set momentum > 0 (e.g. 0.9), "
+                "or use optimizer 'adamw' (its first moment)"
+            )
 
     def _check_numbers(self) -> None:
         for name in ("lr", "rho", "momentum", "weight_decay", "label_smoothing", "warmup_epochs"):

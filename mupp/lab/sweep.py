@@ -26,6 +26,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import re
 import threading
 import time
 import warnings
@@ -161,24 +162,62 @@ def grid_points(
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
+_PASS_OPTIONS = ("ascent", "every", "reuse")  # the TrainConfig fields a pass plan sets
+
+
+def parse_pass_plan(text: str) -> dict[str, Any]:
+    """The training options of a pass plan, the 4th part of a grid setting: ``"two-pass"``
+    (SAM's two passes every step: no option), ``"momentum"`` (Momentum-SAM), ``"looksamK"``
+    (a full step every K steps, LookSAM between) or ``"everyK"`` (a full step every K steps,
+    base steps between).  Inverse of :func:`format_pass_plan`."""
+    match = re.fullmatch(r"(looksam|every)([1-9][0-9]*)", text)
+    if text == "two-pass":
+        return {}
+    if text == "momentum":
+        return {"ascent": "momentum"}
+    if match is None:
+        raise ValueError(
+            f"a setting's pass plan must be 'two-pass', 'momentum', 'looksamK' or 'everyK' "
+            f"(K a positive integer); got {text!r}"
+        )
+    plan: dict[str, Any] = {"every": int(match.group(2))}
+    if match.group(1) == "looksam":
+        plan["reuse"] = "looksam"
+    return plan
+
+
+def format_pass_plan(config: Mapping[str, Any]) -> str:
+    """The pass plan of a configuration (:func:`parse_pass_plan`'s names)."""
+    if config.get("ascent", "gradient") == "momentum":
+        return "momentum"
+    every = config.get("every", 1)
+    if every == 1:
+        return "two-pass"
+    return f"{'looksam' if config.get('reuse') == 'looksam' else 'every'}{every}"
+
+
 def expand_point(params: Mapping[str, Any]) -> dict[str, Any]:
     """Training options of a grid point: a ``setting`` axis (``"mup-global/last-layer"``,
-    ``"mupp/sam/DP"``: the names of :func:`mupp.lab.analysis.rows_from_records`) sets
-    ``parameterization``, ``variant`` and optionally ``rule`` together, so that a grid can
-    compare settings that are not a Cartesian product."""
+    ``"mupp/sam/DP"``, ``"mupp/sam/LP/looksam5"``: the names of
+    :func:`mupp.lab.analysis.rows_from_records`) sets ``parameterization``, ``variant`` and
+    optionally ``rule`` and a pass plan (:func:`parse_pass_plan`) together, so that a grid
+    can compare settings that are not a Cartesian product."""
     out = dict(params)
     setting = out.pop("setting", None)
     if setting is not None:
         parts = setting.split("/") if isinstance(setting, str) else []
-        if not 1 <= len(parts) <= 3 or not all(parts):
+        if not 1 <= len(parts) <= 4 or not all(parts):
             raise ValueError(
-                "grid setting must be 'PARAMETERIZATION', 'PARAMETERIZATION/VARIANT' or "
-                f"'PARAMETERIZATION/VARIANT/RULE'; got {setting!r}"
+                "grid setting must be 'PARAMETERIZATION', 'PARAMETERIZATION/VARIANT', "
+                "'PARAMETERIZATION/VARIANT/RULE' or 'PARAMETERIZATION/VARIANT/RULE/PASSES'; "
+                f"got {setting!r}"
             )
         out["parameterization"] = parts[0]
         out["variant"] = parts[1] if len(parts) > 1 else "sam"
-        if len(parts) == 3:
+        if len(parts) >= 3:
             out["rule"] = parts[2]
+        if len(parts) == 4:
+            out.update(parse_pass_plan(parts[3]))
     return out
 
 
@@ -193,6 +232,8 @@ def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
     cfg = dict(config)
     if cfg.get("rho") == 0:
         cfg["variant"], cfg["rule"] = "sam", "LP"
+        for key in (*_PASS_OPTIONS, "reuse_scale"):  # no perturbation: no pass plan either
+            cfg.pop(key, None)
         if cfg.get("parameterization") != "sp":
             cfg["parameterization"] = "mupp"
     base = cfg.get("base_width")

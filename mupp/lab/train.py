@@ -37,7 +37,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
     kw: dict[str, Any] = {"weight_decay": cfg.weight_decay}
     if cfg.optimizer == "sgd":
         kw.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
-    if cfg.rho > 0:
+    if cfg.uses_sam:
         return SAM(
             model.parameters(),
             base,
@@ -46,6 +46,10 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
             parameterization=cfg.parameterization,
             rule=cfg.rule,
             variant=cfg.variant,
+            ascent=cfg.ascent,
+            every=cfg.every,
+            reuse=cfg.reuse,
+            reuse_scale=cfg.reuse_scale,
             **kw,
         )
     kind = "sgd" if cfg.optimizer == "sgd" else "adam"
@@ -259,7 +263,14 @@ def _step_function(
             return loss, logits.detach()
 
         return plain_step
-    if cfg.variant == "last-layer" and cfg.last_layer_fast and net is model and not sharded:
+    two_pass = cfg.ascent == "gradient" and cfg.every == 1
+    if (
+        cfg.variant == "last-layer"
+        and cfg.last_layer_fast
+        and two_pass
+        and net is model
+        and not sharded
+    ):
         one_pass = LastLayerStep(model, opt)
         return lambda x, y: one_pass.step(x, y, criterion)
 

@@ -45,9 +45,13 @@ DIRECTION_VARIANTS = ("sam", "last-layer", "first-layer", "sam-on")
 
 def supports(cfg: TrainConfig | dict) -> bool:
     """Whether a configuration can join a vectorized group: the MLP with SGD and a variant
-    whose ascent direction is the gradient (:data:`DIRECTION_VARIANTS`)."""
+    whose ascent direction is the gradient (:data:`DIRECTION_VARIANTS`), two passes every step
+    (not the cheap options ``ascent``/``every``)."""
     c = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg)
-    return c.model == "mlp" and c.optimizer == "sgd" and c.variant in DIRECTION_VARIANTS
+    two_pass = c.ascent == "gradient" and c.every == 1
+    return (
+        c.model == "mlp" and c.optimizer == "sgd" and c.variant in DIRECTION_VARIANTS and two_pass
+    )
 
 
 def group_key(cfg: dict[str, Any]) -> str:

@@ -35,6 +35,31 @@ def optimizer_kind(base_optimizer: type | str) -> str:
     return "adam" if any(k in low for k in adam_like) else "sgd"
 
 
+def momentum_state_key(optimizer: torch.optim.Optimizer) -> str:
+    """The state entry holding ``optimizer``'s momentum, the direction of Momentum-SAM:
+    ``"momentum_buffer"`` for ``torch.optim.SGD`` with ``momentum > 0`` in every group, and
+    ``"exp_avg"`` (the first moment) for Adam-like optimizers with ``betas[0] > 0``.  Both are
+    fixed linear combinations of past gradients.  Raises ``ValueError`` for any other
+    optimizer or a momentum of zero."""
+    name = type(optimizer).__name__
+    groups = optimizer.param_groups
+    if all("betas" in g for g in groups):
+        if all(g["betas"][0] > 0 for g in groups):
+            return "exp_avg"
+        got = f"betas[0]={min(g['betas'][0] for g in groups)}"
+    elif isinstance(optimizer, torch.optim.SGD):
+        if all(g.get("momentum", 0) > 0 for g in groups):
+            return "momentum_buffer"
+        got = f"momentum={min(g.get('momentum', 0) for g in groups)}"
+    else:
+        got = "no momentum mupp knows how to read"
+    raise ValueError(
+        f"ascent='momentum' perturbs along the base optimizer's momentum; {name} has {got}: "
+        "use torch.optim.SGD with momentum > 0 (e.g. 0.9) or an Adam-like optimizer with "
+        "betas[0] > 0, or ascent='gradient'"
+    )
+
+
 def normalize_param_groups(params: Any, defaults: Mapping[str, Any]) -> list[dict]:
     """Accept an iterable of tensors, of ``(name, tensor)`` pairs, or of dicts (param groups)."""
     if isinstance(params, torch.Tensor):

@@ -116,18 +116,28 @@ def _shard_groups(p: torch.Tensor) -> tuple:
     return tuple(p.device_mesh.get_group(i) for i, pl in enumerate(p.placements) if pl.is_shard())
 
 
-def buckets(param_groups: Iterable[dict]) -> list[Bucket]:
-    """Perturbed parameters with gradients, grouped by param group, (device, dtype) and
-    sharding; for sharded parameters (FSDP2) the buckets hold the local shards."""
+def _gradient(p: torch.Tensor) -> torch.Tensor | None:
+    return p.grad
+
+
+def buckets(
+    param_groups: Iterable[dict],
+    source: Callable[[torch.Tensor], torch.Tensor | None] = _gradient,
+) -> list[Bucket]:
+    """Perturbed parameters with a direction, grouped by param group, (device, dtype) and
+    sharding; for sharded parameters (FSDP2) the buckets hold the local shards.  ``source``
+    gives a parameter's direction (``Bucket.grads``): its gradient by default, or e.g. the base
+    optimizer's momentum (Momentum-SAM); parameters without one are left out."""
     out = []
     for g in param_groups:
         if not g.get("perturb", True) or g["rho"] == 0:
             continue
         by_key: dict[tuple, Bucket] = {}
         for p in g["params"]:
-            if p.grad is None or not p.requires_grad:
+            direction = source(p)
+            if direction is None or not p.requires_grad:
                 continue
-            if p.grad.is_sparse:
+            if direction.is_sparse:
                 raise RuntimeError("SAM does not support sparse gradients")
             groups = _shard_groups(p)
             key = (p.device, p.dtype, tuple(id(x) for x in groups))
@@ -138,7 +148,7 @@ def buckets(param_groups: Iterable[dict]) -> list[Bucket]:
                 )
             b.owners.append(p)
             b.params.append(local_tensor(p))
-            b.grads.append(local_tensor(p.grad))
+            b.grads.append(local_tensor(direction))
         out.extend(by_key.values())
     return out
 
@@ -283,8 +293,9 @@ def perturb_(
     ascent_weight_decay: float = 0.0,
     inplace: bool = False,
     grad_scale: torch.Tensor | None = None,
+    sign: float = 1.0,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
-    """Compute ε for every bucket and add it to the weights.
+    """Compute ε for every bucket (``ε_l = sign · s_l · u_l``) to add to the weights.
 
     ``grad_scale`` (a tensor, no host sync) multiplies the gradients before anything else: the
     inverse loss scale of mixed precision, which the normalized rules cancel but the
@@ -292,7 +303,8 @@ def perturb_(
 
     Returns ``(params, epsilons, finite)``; ``finite`` is a 0-dim bool tensor (no host sync),
     ``False`` when a gradient was non-finite, in which case every scale is zero.  With
-    ``inplace`` the gradients are overwritten (the caller discards them).
+    ``inplace`` the gradients are overwritten (the caller discards them); without it the
+    directions are left untouched (a momentum buffer is the base optimizer's state).
     """
     check_choice("rule", rule, RULES)
     if not bucket_list:
@@ -310,6 +322,8 @@ def perturb_(
     s, finite = scales(
         rule, norms, per_tensor("num"), per_tensor("den"), per_tensor("rho"), norm_eps
     )
+    if sign != 1.0:  # Momentum-SAM steps against the momentum (it points along the gradient)
+        s = s * sign
     s = s.unbind()
     all_params, all_eps = [], []
     i = 0

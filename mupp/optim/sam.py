@@ -18,27 +18,55 @@ import torch
 
 from .. import scaling
 from ..choices import (
+    ASCENTS,
     JOINT_RULES,
     NONFINITE,
     PARAMETERIZATIONS,
+    REUSES,
     RULES,
     VARIANTS,
+    Ascent,
     NonFinite,
     Parameterization,
+    Reuse,
     Rule,
     Variant,
     check_choice,
     check_nonneg,
+    check_positive_int,
 )
 from ..shapes import get_info, reattach
 from . import perturbation
-from .groups import mup_param_groups, optimizer_kind, split_groups
+from .groups import momentum_state_key, mup_param_groups, optimizer_kind, split_groups
 from .perturbation import THEORY_VARIANT
+
+# the base optimizer's state entry of LookSAM's reused direction (saved with its state dict)
+REUSE_KEY = "looksam_direction"
 
 WEIGHT_MULTIPLIER_PRESETS = {
     "mup": {"output": 1.0},  # microsoft/mup's MuReadout multiplier 1/m (Lemma F.12)
     "a-mupp": {"input": -0.5, "output": 0.5},  # (a-μP²), Remark 12 / Lemma F.11
 }
+
+
+def check_schedule(ascent: Any, every: Any, reuse: Any, reuse_scale: Any) -> None:
+    """Check the options of cheap SAM (``ascent``, ``every``, ``reuse``, ``reuse_scale`` of
+    :class:`SAM`) and their combination; raises ``ValueError`` naming the argument."""
+    check_choice("ascent", ascent, ASCENTS)
+    check_positive_int("every", every)
+    check_nonneg("reuse_scale", reuse_scale)
+    if reuse is not None:
+        check_choice("reuse", reuse, REUSES)
+        if every == 1:
+            raise ValueError(
+                f"reuse={reuse!r} reuses the last full SAM step's change of the gradient on the "
+                "steps between full steps: it needs every=k with k >= 2 (LookSAM uses every=5)"
+            )
+    if ascent == "momentum" and every != 1:
+        raise ValueError(
+            f"every={every!r} schedules full gradient-ascent steps; ascent='momentum' already "
+            "takes one pass per step: use every=1 with it"
+        )
 
 
 def _check_arguments(
@@ -53,6 +81,10 @@ def _check_arguments(
     ascent_weight_decay: Any,
     norm_eps: Any,
     weight_multipliers: Mapping[str, float] | str | None,
+    ascent: Any,
+    every: Any,
+    reuse: Any,
+    reuse_scale: Any,
     base_kwargs: Mapping[str, Any],
 ) -> dict[str, float]:
     """Check :class:`SAM`'s arguments before anything is built; returns the weight multipliers
@@ -65,6 +97,7 @@ def _check_arguments(
     check_choice("rule", rule, RULES)
     check_choice("variant", variant, VARIANTS)
     check_choice("nonfinite", nonfinite, NONFINITE)
+    check_schedule(ascent, every, reuse, reuse_scale)
     if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
         raise ValueError(
             f"base_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.SGD); "
@@ -118,6 +151,19 @@ class SAM(torch.optim.Optimizer):
             check is the only host synchronization of a step).
         same_randomness: in :meth:`step`, replay the RNG state for the second closure call so
             dropout masks are the same in both passes.
+        ascent: where ε points: ``"gradient"`` (a fresh gradient at ``W``: two passes) or
+            ``"momentum"`` (Momentum-SAM, Becker et al. 2024: ``u_l = -v_l``, the base
+            optimizer's momentum, SGD's ``momentum_buffer`` or Adam's first moment; one
+            forward and one backward per step, at ``W + ε``).  Either way ε is scaled by the
+            same layerwise factors (Def. 4): ``v_l`` is a fixed linear combination of past
+            gradients, so it has the gradient's width exponents.
+        every: a full two-pass SAM step every ``every`` steps (``ascent="gradient"``); the
+            steps between take one pass at ``W``, with ``reuse``.
+        reuse: what the steps between full steps add to their gradient: ``None`` (nothing: a
+            base step) or ``"looksam"`` (LookSAM, Liu et al. 2022, per layer: the component
+            ``g_v,l`` of the last full step's SAM gradient orthogonal to its gradient, as
+            ``g_l + reuse_scale · ||g_l|| g_v,l / ||g_v,l||``; see :meth:`second_step`).
+        reuse_scale: LookSAM's α (0.7 in Liu et al.).
         model: optional; re-attaches width metadata (after ``copy.deepcopy`` or sharding).
 
     Param groups are shared with the base optimizer (so LR schedulers work on either) and are
@@ -151,6 +197,10 @@ class SAM(torch.optim.Optimizer):
         norm_eps: float = 1e-12,
         nonfinite: NonFinite = "skip",
         same_randomness: bool = False,
+        ascent: Ascent = "gradient",
+        every: int = 1,
+        reuse: Reuse | None = None,
+        reuse_scale: float = 0.7,
         model: torch.nn.Module | None = None,
         **base_kwargs: Any,
     ) -> None:
@@ -165,6 +215,10 @@ class SAM(torch.optim.Optimizer):
             ascent_weight_decay=ascent_weight_decay,
             norm_eps=norm_eps,
             weight_multipliers=weight_multipliers,
+            ascent=ascent,
+            every=every,
+            reuse=reuse,
+            reuse_scale=reuse_scale,
             base_kwargs=base_kwargs,
         )
         if model is not None:
@@ -177,6 +231,10 @@ class SAM(torch.optim.Optimizer):
         self.same_randomness = same_randomness
         self.ascent_weight_decay = ascent_weight_decay
         self.weight_multipliers = weight_multipliers
+        self.ascent = ascent
+        self.every = every
+        self.reuse = reuse
+        self.reuse_scale = reuse_scale
         self.skipped_steps = 0
         self._pending = False
         self._finite: torch.Tensor | None = None
@@ -192,12 +250,26 @@ class SAM(torch.optim.Optimizer):
         for g in groups:
             g.setdefault("rho", rho)
             check_nonneg("rho (param group)", g["rho"])
+            if every > 1:
+                g.setdefault("sam_step", 0)
+        if reuse is not None and any(
+            perturbation._is_dtensor(p) for g in groups for p in g["params"]
+        ):
+            raise ValueError(
+                f"reuse={reuse!r} keeps a per-layer direction in the optimizer state that mupp "
+                "does not shard yet; under FSDP2 use reuse=None or ascent='momentum'"
+            )
         super().__init__(
             self._perturbation_groups(groups, perturb), dict(lr=lr, rho=rho, **base_kwargs)
         )
         self.base_optimizer = base_optimizer(self.param_groups, lr=lr, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
+        # the state entry of the momentum (refuses an optimizer without one, before any step)
+        self._momentum_key = (
+            momentum_state_key(self.base_optimizer) if ascent == "momentum" else None
+        )
+        self._kind = "gradient"  # what the pending first_step perturbed along
 
     def _perturbation_groups(self, groups: list[dict], perturb: perturbation.Perturb) -> list[dict]:
         """Split ``groups`` so that every group has one ``perturb``, ``pert_num`` and
@@ -246,10 +318,34 @@ class SAM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the two passes
 
+    @property
+    def needs_ascent_gradient(self) -> bool:
+        """Whether the next step is a full two-pass step, whose :meth:`first_step` perturbs
+        along a fresh gradient at ``W`` (run that backward pass first).  ``False`` for
+        ``ascent="momentum"`` and for the steps between the full steps of ``every=k``: their
+        :meth:`first_step` needs no gradient, and the step takes one forward and one backward
+        pass, after it.  :meth:`step` with a closure asks this itself."""
+        if self.ascent != "gradient":
+            return False
+        return self.every == 1 or self.param_groups[0].get("sam_step", 0) % self.every == 0
+
+    def _direction_source(self) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+        """What the next :meth:`first_step` perturbs along, for :func:`perturbation.buckets`:
+        the gradient, the momentum, or ``None`` (no perturbation: between full steps)."""
+        if self.ascent == "momentum":
+            state, key = self.base_optimizer.state, self._momentum_key
+            return lambda p: state[p].get(key) if p in state else None
+        if not self.needs_ascent_gradient:
+            return None
+        return lambda p: p.grad
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, scaler: Any = None) -> None:
         """Perturb the weights: save each perturbed ``W`` and set ``W <- W + ε``.
 
+        On a full step (:attr:`needs_ascent_gradient`) ε is built from the gradients at ``W``;
+        under ``ascent="momentum"`` from the base optimizer's momentum (nothing at the first
+        step, when there is none yet); between the full steps of ``every=k`` there is no ε.
         With ``zero_grad=True`` the gradients are consumed in place (no extra memory) and
         zeroed afterwards, ready for the second backward pass.  With a ``torch.amp.GradScaler``
         as ``scaler`` (gradients of ``scaler.scale(loss)``), ε is built from the unscaled
@@ -265,15 +361,21 @@ class SAM(torch.optim.Optimizer):
                 isinstance(g["rho"], (int, float)) and math.isfinite(g["rho"]) and g["rho"] >= 0
             ):
                 raise ValueError(f"rho must be a non-negative finite number; got {g['rho']!r}")
-        bl = perturbation.buckets(self.param_groups)
+        source = self._direction_source()
+        self._kind = "none" if source is None else self.ascent
+        bl = [] if source is None else perturbation.buckets(self.param_groups, source)
+        if self._kind == "gradient" and self.reuse is not None:
+            self._keep_ascent_gradients()
+        momentum = self._kind == "momentum"
         params, eps, finite = perturbation.perturb_(
             bl,
             rule=self.rule,
             variant=self.variant,
             norm_eps=self.norm_eps,
             ascent_weight_decay=self.ascent_weight_decay,
-            inplace=zero_grad,
-            grad_scale=_inverse_scale(scaler),
+            inplace=zero_grad and not momentum,  # a momentum buffer is the base optimizer's
+            grad_scale=None if momentum else _inverse_scale(scaler),  # the state is unscaled
+            sign=-1.0 if momentum else 1.0,  # Momentum-SAM perturbs against the momentum
         )
         # With zero_grad the ε tensors are the consumed gradients (or temporaries): turn them
         # into W + ε in place and swap storages, so W itself is the saved copy and restoring
@@ -298,18 +400,7 @@ class SAM(torch.optim.Optimizer):
                 p.grad = None
                 p.data = e
         else:
-            saved = []
-            for owner, p in zip(owners, params):
-                st = self.state[owner]
-                buf = st.get("w_saved")
-                if (
-                    buf is None
-                    or buf.shape != p.shape
-                    or buf.dtype != p.dtype
-                    or buf.device != p.device
-                ):
-                    buf = st["w_saved"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                saved.append(buf)
+            saved = [_buffer(self.state[owner], "w_saved", p) for owner, p in zip(owners, params)]
             if params:
                 torch._foreach_copy_(saved, params)
                 torch._foreach_add_(params, eps)
@@ -322,10 +413,64 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    def _keep_ascent_gradients(self) -> None:
+        """LookSAM's full step: keep every gradient at ``W`` (not only the perturbed
+        parameters': every layer's SAM gradient changes) for :meth:`_update_reuse`."""
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    _buffer(self.state[p], "ascent_grad", p.grad).copy_(p.grad)
+
+    def _update_reuse(self) -> None:
+        """LookSAM's full step, after the descent pass: per tensor, the component of the SAM
+        gradient ``g_s`` orthogonal to the gradient ``g`` at ``W``,
+        ``g_v = g_s - (<g_s, g> / ||g||²) g``, kept in the base optimizer's state under
+        :data:`REUSE_KEY`.  A non-finite step keeps the previous direction (no host sync)."""
+        base, pairs = self.base_optimizer.state, []
+        for g in self.param_groups:
+            for p in g["params"]:
+                st = self.state.get(p)
+                if p.grad is not None and st is not None and "ascent_grad" in st:
+                    pairs.append((p, st["ascent_grad"], p.grad))
+        if not pairs:
+            return
+        ps, gs, gss = zip(*pairs)
+        dots = [torch.dot(a.flatten(), b.flatten()) for a, b in zip(gs, gss)]
+        sq = torch._foreach_mul(torch._foreach_norm(gs), torch._foreach_norm(gs))
+        coeff = torch._foreach_div(dots, torch._foreach_add(sq, self.norm_eps))
+        torch._foreach_neg_(coeff)
+        gv = torch._foreach_add(gss, torch._foreach_mul(gs, coeff))
+        ok = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(gv)])).all()
+        for p, d in zip(ps, gv):
+            old = base[p].get(REUSE_KEY)
+            base[p][REUSE_KEY] = torch.where(ok, d, torch.zeros_like(d) if old is None else old)
+
+    def _apply_reuse(self) -> None:
+        """LookSAM between full steps: ``g_l <- g_l + α ||g_l|| g_v,l / ||g_v,l||`` for every
+        tensor with a kept direction.  The added component has each layer's gradient norm
+        times α, so it has the gradient's width exponents in every layer and the base
+        optimizer's μP learning rates apply to it unchanged."""
+        base, grads, dirs = self.base_optimizer.state, [], []
+        for g in self.param_groups:
+            for p in g["params"]:
+                d = base[p].get(REUSE_KEY) if p in base else None
+                if p.grad is not None and d is not None:
+                    grads.append(p.grad)
+                    dirs.append(d)
+        if not grads:
+            return
+        gnorm = torch._foreach_norm(grads)
+        scale = torch._foreach_div(
+            torch._foreach_mul(gnorm, self.reuse_scale),
+            torch._foreach_add(torch._foreach_norm(dirs), self.norm_eps),
+        )
+        torch._foreach_add_(grads, torch._foreach_mul(dirs, scale))
+
     @torch.no_grad()
     def denominator_terms(self) -> list[tuple[torch.Tensor, float]]:
-        """``(parameter, den_l t_l)`` for every perturbed parameter with a gradient, from the
-        current gradients (call after ``backward`` and before :meth:`first_step`): the terms
+        """``(parameter, den_l t_l)`` for every perturbed parameter, from the directions of the
+        next :meth:`first_step` (the current gradients: call after ``backward`` and before
+        it; under ``ascent="momentum"`` the momentum; none between full steps): the terms
         whose root sum of squares divides every layer's ε under the LP and DP rules (Def. 4,
         Remark F.4).  μP² is built on this sum staying Θ(1) with width; over finite widths
         it may not yet, and then the effective ρ drifts (see
@@ -335,8 +480,9 @@ class SAM(torch.optim.Optimizer):
                 f"denominator_terms() needs a jointly normalized rule (LP or DP); this SAM "
                 f"uses rule={self.rule!r}"
             )
+        source = self._direction_source()
         terms = perturbation.denominator_terms(
-            perturbation.buckets(self.param_groups),
+            [] if source is None else perturbation.buckets(self.param_groups, source),
             variant=self.variant,
             ascent_weight_decay=self.ascent_weight_decay,
         )
@@ -379,7 +525,16 @@ class SAM(torch.optim.Optimizer):
         afterwards).
         """
         finite1 = self._finite
+        kind = self._kind
         self.restore()
+        if self.reuse == "looksam":
+            if kind == "gradient":
+                self._update_reuse()
+            else:
+                self._apply_reuse()
+        if self.every > 1:  # the position in the cycle of full steps (saved with the groups)
+            for g in self.param_groups:
+                g["sam_step"] = g.get("sam_step", 0) + 1
         grads = [
             perturbation.local_tensor(p.grad)
             for g in self.param_groups
@@ -436,6 +591,15 @@ class SAM(torch.optim.Optimizer):
                 "use mupp.integrations.huggingface.SAMTrainer)"
             )
         closure = torch.enable_grad()(closure)
+        if not self.needs_ascent_gradient:  # one pass, at W + ε (momentum) or W (between)
+            self.first_step(zero_grad=True)
+            try:
+                loss = closure()
+            except BaseException:
+                self.restore()
+                raise
+            self.second_step()
+            return loss
         rng = _rng_state() if self.same_randomness else None
         with self.ascent_pass():
             loss = closure()
@@ -462,7 +626,7 @@ class SAM(torch.optim.Optimizer):
             for g in self.param_groups
             if not g.get("perturb", True) or g["rho"] == 0
             for p in g["params"]
-            if p.requires_grad
+            if p.requires_grad and self.reuse is None  # LookSAM keeps every gradient at W
         ]
         trainable = sum(p.requires_grad for g in self.param_groups for p in g["params"])
         if len(frozen) == trainable:  # nothing perturbed: keep the closure's backward valid
@@ -530,6 +694,20 @@ def _inverse_scale(scaler: Any) -> torch.Tensor | None:
     if scale is None:  # before the first scaler.scale(): nothing was scaled
         return None
     return scale.double().reciprocal().float()
+
+
+def _buffer(state: dict, key: str, like: torch.Tensor) -> torch.Tensor:
+    """``state[key]``, (re)allocated like ``like`` unless it already has its shape, dtype and
+    device: SAM's per-step buffers live as long as the optimizer."""
+    buf = state.get(key)
+    if (
+        buf is None
+        or buf.shape != like.shape
+        or buf.dtype != like.dtype
+        or buf.device != like.device
+    ):
+        buf = state[key] = torch.empty_like(like, memory_format=torch.preserve_format)
+    return buf
 
 
 def _owns_storage(t: torch.Tensor) -> bool:
