@@ -1,10 +1,13 @@
 """Time per training step, measured side by side in one run (CPU or CUDA).
 
-Methods: plain SGD; mupp SAM (μP², rules LP and DP); mupp last-layer SAM as `mupp train` runs
+Methods: plain SGD; mupp SAM (μP², rules LP and DP); mupp's cheap SAM (LookSAM with a full
+step every 5, every-5 without reuse, Momentum-SAM: ``SAM(every=5, reuse="looksam")``,
+``SAM(every=5)``, ``SAM(ascent="momentum")``); mupp last-layer SAM as `mupp train` runs
 it (one forward and one backward, the first pass's features reused: mupp.optim.lastlayer) and
 through the two-pass step (its ascent pass skips the backward below the readout, Remark 3);
 plain SAM written the common way (Python
-loop over parameters, a stored copy); pytorch-optimizer's SAM when installed.  Models: the
+loop over parameters, a stored copy); pytorch-optimizer's SAM and LookSAM (k = 5, its gradient
+pass skipped between full steps) when installed.  Models: the
 CIFAR MLP (batch 64) at several widths and a small ResNet.  Ratios are taken against SGD and
 against the common SAM of the same run.  Memory: persistent optimizer state of each SAM
 implementation in units of the parameters' size.
@@ -89,6 +92,9 @@ def make_step(method: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
             "mupp-DP": {"rule": "DP"},
             "mupp-last-layer": {"variant": "last-layer"},
             "mupp-last-layer-2pass": {"variant": "last-layer"},
+            "mupp-looksam5": {"every": 5, "reuse": "looksam"},
+            "mupp-every5": {"every": 5},
+            "mupp-momentum": {"ascent": "momentum"},
         }[method]
         opt = mupp.SAM(
             model.parameters(),
@@ -131,6 +137,19 @@ def make_step(method: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
             opt.zero_grad()
 
         return step, opt
+    if method == "pytorch-optimizer-looksam5":
+        from pytorch_optimizer import LookSAM
+
+        opt = LookSAM(model.parameters(), torch.optim.SGD, rho=0.05, k=5, lr=0.01, momentum=0.9)
+
+        def step():
+            closure()
+            if opt.get_step() % opt.k == 0:  # a full step: perturb, the gradient at W + ε
+                opt.first_step(zero_grad=True)
+                closure()
+            opt.second_step(zero_grad=True)  # between: its reused component, the base step
+
+        return step, opt
     raise ValueError(method)
 
 
@@ -141,11 +160,19 @@ def state_bytes(opt) -> int:
     if isinstance(opt, torch.optim.SGD):
         return 0
     total = 0
-    for st in opt.state.values():
+    states = list(opt.state.values())
+    base = getattr(opt, "base_optimizer", None)
+    if base is not None and base.state is not opt.state:
+        states += list(base.state.values())  # mupp's LookSAM direction lives there
+    for st in states:
         for k, v in st.items():
-            if torch.is_tensor(v) and k in ("w_saved", "old_p"):
+            if torch.is_tensor(v) and k in SAM_STATE:
                 total += v.numel() * v.element_size()
     return total
+
+
+# parameter-shaped SAM state: saved or perturbed weights, LookSAM's reused direction
+SAM_STATE = ("w_saved", "old_p", "eps", "looksam_direction", "old_grad_p", "gv")
 
 
 def bench(models: dict, methods: list[str], steps: int, repeats: int, device: str) -> dict:
@@ -297,7 +324,13 @@ def _models(widths: list[int]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", default="256,1024,4096")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=5,
+        help="steps per sample (a multiple of 5: whole every-5 cycles)",
+    )
+    ap.add_argument("--mlp-only", action="store_true", help="leave out the ResNet")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
@@ -321,18 +354,23 @@ def main() -> None:
         return
     widths = [int(w) for w in args.widths.split(",")]
     models = _models(widths)
+    if args.mlp_only:
+        models = {n: m for n, m in models.items() if n.startswith("mlp")}
     methods = [
         "sgd",
         "mupp-LP",
         "mupp-DP",
         "mupp-last-layer",
         "mupp-last-layer-2pass",
+        "mupp-looksam5",
+        "mupp-every5",
+        "mupp-momentum",
         "common-sam",
     ]
     try:
         import pytorch_optimizer  # noqa: F401
 
-        methods.append("pytorch-optimizer-sam")
+        methods += ["pytorch-optimizer-sam", "pytorch-optimizer-looksam5"]
     except ImportError:
         print("pytorch-optimizer not installed: its column is left out")
     if args.memory_only:
@@ -361,6 +399,9 @@ def main() -> None:
             n: t["mupp-last-layer-2pass"][n] / t["sgd"][n] for n in names
         },
         "ratio_mupp_over_common_sam": {n: t["mupp-LP"][n] / t["common-sam"][n] for n in names},
+        "ratio_looksam_over_sgd": {n: t["mupp-looksam5"][n] / t["sgd"][n] for n in names},
+        "ratio_every5_over_sgd": {n: t["mupp-every5"][n] / t["sgd"][n] for n in names},
+        "ratio_momentum_sam_over_sgd": {n: t["mupp-momentum"][n] / t["sgd"][n] for n in names},
         "state_over_params": res["state_over_params"],
     }
     if args.memory:
@@ -369,6 +410,9 @@ def main() -> None:
         out["t_peer"] = t["pytorch-optimizer-sam"]
         out["ratio_mupp_over_peer"] = {
             n: t["mupp-LP"][n] / t["pytorch-optimizer-sam"][n] for n in names
+        }
+        out["ratio_peer_looksam_over_sgd"] = {
+            n: t["pytorch-optimizer-looksam5"][n] / t["sgd"][n] for n in names
         }
     print()
     print(
@@ -382,6 +426,16 @@ def main() -> None:
             f"{out['ratio_last_layer_over_sgd'][n]:>10.2f}"
             f"{out['ratio_last_layer_2pass_over_sgd'][n]:>10.2f}"
             f"{out['ratio_mupp_over_common_sam'][n]:>13.2f}{peer:>11.2f}"
+        )
+    print()
+    print(
+        f"{'model':<14}{'LookSAM5/SGD':>14}{'every5/SGD':>12}{'MSAM/SGD':>10}{'peer LookSAM5/SGD':>19}"
+    )
+    for n in names:
+        peer = out.get("ratio_peer_looksam_over_sgd", {}).get(n, float("nan"))
+        print(
+            f"{n:<14}{out['ratio_looksam_over_sgd'][n]:>14.2f}{out['ratio_every5_over_sgd'][n]:>12.2f}"
+            f"{out['ratio_momentum_sam_over_sgd'][n]:>10.2f}{peer:>19.2f}"
         )
     print(
         "persistent SAM state / parameter size:",

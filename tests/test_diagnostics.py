@@ -42,6 +42,32 @@ def test_global_scaling_perturbations_vanish_before_the_readout(checks):
     assert s["layers.2"] > -0.2, s
 
 
+CHEAP = {
+    "momentum": {"ascent": "momentum", "momentum": 0.9},
+    "looksam": {"every": 4, "reuse": "looksam", "momentum": 0.9},  # step 8: a full step
+}
+
+
+CHEAP_KW = dict(steps=8, seeds=2, dataset="synthetic", progress=False, lr=0.01, rho=0.2)
+
+
+@pytest.mark.parametrize("plan", sorted(CHEAP))
+def test_cheap_sam_perturbations_scale_like_two_pass_sam(plan):
+    """Momentum-SAM's ε (along the momentum, a fixed linear combination of gradients) and
+    LookSAM's full-step ε take Def. 4's layerwise factors unchanged: their effect on every
+    layer is width-independent under μP² and vanishes before the readout under μP-global,
+    as two-pass SAM's does (the tests above)."""
+    mupp_ = coordcheck("mlp", WIDTHS, parameterization="mupp", sam_options=CHEAP[plan], **CHEAP_KW)
+    glob = coordcheck(
+        "mlp", WIDTHS, parameterization="mup-global", sam_options=CHEAP[plan], **CHEAP_KW
+    )
+    s = mupp_["slopes"]["pert_rms"]
+    assert all(abs(v) < 0.3 for v in s.values()), s
+    g = glob["slopes"]["pert_rms"]
+    assert g["layers.0"] < -1.0 and g["layers.1"] < -0.4 and g["layers.2"] > -0.2, g
+    assert mupp_["config"]["ascent" if plan == "momentum" else "reuse"] in ("momentum", "looksam")
+
+
 def test_naive_scaling_readout_perturbation_grows(checks):
     s = checks["mup-naive"]["slopes"]["pert_rms"]
     assert s["layers.2"] > 0.5, s

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -84,9 +84,16 @@ def _train(
 
 
 def sgd_sam(
-    model: torch.nn.Module, parameterization: str, variant: str, rule: str, lr: float, rho: float
+    model: torch.nn.Module,
+    parameterization: str,
+    variant: str,
+    rule: str,
+    lr: float,
+    rho: float,
+    **options: Any,
 ) -> SAM:
-    """:class:`mupp.SAM` over plain SGD: the optimizer of the built-in coordinate checks."""
+    """:class:`mupp.SAM` over SGD: the optimizer of the built-in coordinate checks; ``options``
+    go to it (``ascent="momentum", momentum=0.9``; ``every=5, reuse="looksam"``)."""
     return SAM(
         model.parameters(),
         torch.optim.SGD,
@@ -95,6 +102,7 @@ def sgd_sam(
         parameterization=parameterization,
         variant=variant,
         rule=rule,
+        **options,
     )
 
 
@@ -196,10 +204,14 @@ def coordcheck(
     dataset: str = "synthetic",
     data_dir: str | None = None,
     progress: bool = True,
+    sam_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The coordinate check of a built-in model (:data:`mupp.choices.MODEL_NAMES`; the ViT
     with 2 blocks of 2 heads) trained with SGD-based SAM for ``steps`` steps; see
-    :func:`mupp.diagnostics.coord_data` for any model and for the returned record (Fig. 2)."""
+    :func:`mupp.diagnostics.coord_data` for any model and for the returned record (Fig. 2).
+    ``sam_options`` go to :class:`mupp.SAM` (and the record's config): e.g. Momentum-SAM,
+    ``{"ascent": "momentum", "momentum": 0.9}``, whose ε should scale as two-pass SAM's."""
+    sam_options = dict(sam_options or {})
     check_choice("model", model, MODEL_NAMES)
     base = DEFAULT_BASE[model] if base_width is None else base_width
     ds = data_mod.load(dataset, data_dir)
@@ -213,6 +225,7 @@ def coordcheck(
         rho=rho,
         batch_size=batch_size,
         dataset=dataset,
+        **sam_options,
     )
     if model == "gpt":
         config["dataset"] = "random tokens"
@@ -232,7 +245,7 @@ def coordcheck(
     return coord_data(
         lambda w: check_model(model, w, base, ds.num_classes, sp=parameterization == "sp"),
         widths,
-        lambda m: sgd_sam(m, parameterization, variant, rule, lr, rho),
+        lambda m: sgd_sam(m, parameterization, variant, rule, lr, rho, **sam_options),
         batches,
         steps=steps,
         seeds=seeds,

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
-from ..choices import METRICS, MODEL_NAMES, PARAMETERIZATIONS, RULES, VARIANTS
+from ..choices import ASCENTS, METRICS, MODEL_NAMES, PARAMETERIZATIONS, REUSES, RULES, VARIANTS
 from . import commands
 from .config import preset_names
 
@@ -306,6 +306,10 @@ def _add_coordcheck(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--data-dir", default=None)
     c.add_argument("--json", default=None, help="write the result as JSON")
     c.add_argument("--plot", default=None, help="write a log-log plot (PNG)")
+    c.add_argument("--ascent", default="gradient", choices=ASCENTS, help="momentum: Momentum-SAM")
+    c.add_argument("--every", type=int, default=1, help="a full SAM step every K steps")
+    c.add_argument("--reuse", default=None, choices=REUSES, help="looksam: LookSAM between")
+    c.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
     c.add_argument(
         "--compare-last-layer",
         action="store_true",

@@ -174,6 +174,11 @@ def _user_coordcheck(args: argparse.Namespace) -> dict:
     )
 
 
+# the SAM options of `mupp coordcheck` that change nothing at these values (left out of the
+# record, so that a default check records what it always has)
+COORDCHECK_DEFAULTS = {"ascent": "gradient", "every": 1, "reuse": None, "momentum": 0.0}
+
+
 def cmd_coordcheck(args: argparse.Namespace) -> int:
     """``mupp coordcheck``: per-layer perturbation and update scaling across widths (Fig. 2), or
     the distance of μP-global SAM from last-layer SAM (``--compare-last-layer``, App. H.1)."""
@@ -205,12 +210,14 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
             print(f"  width {w:>8g}: gap {g:.4f}")
         print(f"  width exponent of the gap: {res['slope']:+.2f}")
         return 0
+    options = dict(ascent=args.ascent, every=args.every, reuse=args.reuse, momentum=args.momentum)
     result = coordcheck(
         args.model,
         widths,
         parameterization=args.parameterization,
         variant=args.variant,
         rule=args.rule,
+        sam_options={k: v for k, v in options.items() if v != COORDCHECK_DEFAULTS[k]},
         **common,
     )
     print(format_tables(result))

@@ -294,6 +294,7 @@ def perturb_(
     inplace: bool = False,
     grad_scale: torch.Tensor | None = None,
     sign: float = 1.0,
+    into: list[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
     """Compute ε for every bucket (``ε_l = sign · s_l · u_l``) to add to the weights.
 
@@ -304,7 +305,9 @@ def perturb_(
     Returns ``(params, epsilons, finite)``; ``finite`` is a 0-dim bool tensor (no host sync),
     ``False`` when a gradient was non-finite, in which case every scale is zero.  With
     ``inplace`` the gradients are overwritten (the caller discards them); without it the
-    directions are left untouched (a momentum buffer is the base optimizer's state).
+    directions are left untouched (a momentum buffer is the base optimizer's state).  ``into``
+    (one tensor per parameter, in bucket order) receives the perturbed weights ``W + ε`` in
+    one fused operation per tensor, and is returned in place of the epsilons.
     """
     check_choice("rule", rule, RULES)
     if not bucket_list:
@@ -333,11 +336,16 @@ def perturb_(
         if extra is not None:
             scale = [a * e.to(a.device) for a, e in zip(scale, extra)]
         scale = [t.to(dtype) for t in scale]
-        i += len(ts)
-        if owned:
+        if into is not None:
+            out = into[len(all_eps) : len(all_eps) + len(u)]
+            for w, ui, si, oi in zip(b.params, u, scale, out):
+                torch.addcmul(w, ui, si, out=oi)  # W + s u: one pass, no temporary
+            u = out
+        elif owned:
             torch._foreach_mul_(u, scale)
         else:
             u = torch._foreach_mul(u, scale)
+        i += len(ts)
         all_params.extend(b.params)
         all_eps.extend(u)
     return all_params, all_eps, finite

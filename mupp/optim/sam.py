@@ -42,6 +42,7 @@ from .perturbation import THEORY_VARIANT
 
 # the base optimizer's state entry of LookSAM's reused direction (saved with its state dict)
 REUSE_KEY = "looksam_direction"
+REUSE_NORM_KEY = "looksam_direction_norm"  # its Frobenius norm, a 0-dim tensor
 
 WEIGHT_MULTIPLIER_PRESETS = {
     "mup": {"output": 1.0},  # microsoft/mup's MuReadout multiplier 1/m (Lemma F.12)
@@ -270,6 +271,7 @@ class SAM(torch.optim.Optimizer):
             momentum_state_key(self.base_optimizer) if ascent == "momentum" else None
         )
         self._kind = "gradient"  # what the pending first_step perturbed along
+        self._kept: list = []  # LookSAM's full step: (parameter, its reuse buffer)
 
     def _perturbation_groups(self, groups: list[dict], perturb: perturbation.Perturb) -> list[dict]:
         """Split ``groups`` so that every group has one ``perturb``, ``pert_num`` and
@@ -367,6 +369,13 @@ class SAM(torch.optim.Optimizer):
         if self._kind == "gradient" and self.reuse is not None:
             self._keep_ascent_gradients()
         momentum = self._kind == "momentum"
+        # ε along the momentum cannot be built in the gradients' storage: it goes into
+        # buffers kept for the next step (no allocation per step)
+        into = None
+        if momentum:
+            into = [
+                _buffer(self.state[o], "eps", t) for b in bl for o, t in zip(b.owners, b.params)
+            ]
         params, eps, finite = perturbation.perturb_(
             bl,
             rule=self.rule,
@@ -376,13 +385,14 @@ class SAM(torch.optim.Optimizer):
             inplace=zero_grad and not momentum,  # a momentum buffer is the base optimizer's
             grad_scale=None if momentum else _inverse_scale(scaler),  # the state is unscaled
             sign=-1.0 if momentum else 1.0,  # Momentum-SAM perturbs against the momentum
+            into=into,
         )
         # With zero_grad the ε tensors are the consumed gradients (or temporaries): turn them
         # into W + ε in place and swap storages, so W itself is the saved copy and restoring
         # is a pointer swap (no copies).  Slices of larger storages take the copy path.
         owners = [p for b in bl for p in b.owners]
         swap = (
-            zero_grad
+            (zero_grad or momentum)  # the momentum's W + ε sits in SAM's own buffers
             and bool(params)
             and not any(b.sharded for b in bl)  # FSDP2 reads its own shard buffers: copy
             and all(
@@ -394,16 +404,21 @@ class SAM(torch.optim.Optimizer):
             )
         )
         if swap:
-            torch._foreach_add_(eps, params)
+            if not momentum:  # ε -> W + ε (the momentum path wrote W + ε already)
+                torch._foreach_add_(eps, params)
             saved = [p.data for p in params]
             for p, e in zip(params, eps):
-                p.grad = None
+                if not momentum:
+                    p.grad = None  # its storage is now the weights
                 p.data = e
         else:
             saved = [_buffer(self.state[owner], "w_saved", p) for owner, p in zip(owners, params)]
             if params:
                 torch._foreach_copy_(saved, params)
-                torch._foreach_add_(params, eps)
+                if momentum:
+                    torch._foreach_copy_(params, eps)  # eps holds W + ε here
+                else:
+                    torch._foreach_add_(params, eps)
         self._swapped = swap
         self._perturbed = params
         self._owners = owners
@@ -414,57 +429,65 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def _keep_ascent_gradients(self) -> None:
-        """LookSAM's full step: keep every gradient at ``W`` (not only the perturbed
-        parameters': every layer's SAM gradient changes) for :meth:`_update_reuse`."""
+        """LookSAM's full step: copy every gradient at ``W`` (not only the perturbed
+        parameters': every layer's SAM gradient changes) into its reuse buffer, which
+        :meth:`_update_reuse` turns into ``g_v`` in place (no allocation after the first)."""
+        base = self.base_optimizer.state
+        self._kept = []
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is not None:
-                    _buffer(self.state[p], "ascent_grad", p.grad).copy_(p.grad)
+                    self._kept.append((p, _buffer(base[p], REUSE_KEY, p.grad).copy_(p.grad)))
 
     def _update_reuse(self) -> None:
         """LookSAM's full step, after the descent pass: per tensor, the component of the SAM
         gradient ``g_s`` orthogonal to the gradient ``g`` at ``W``,
         ``g_v = g_s - (<g_s, g> / ||g||²) g``, kept in the base optimizer's state under
-        :data:`REUSE_KEY`.  A non-finite step keeps the previous direction (no host sync)."""
-        base, pairs = self.base_optimizer.state, []
-        for g in self.param_groups:
-            for p in g["params"]:
-                st = self.state.get(p)
-                if p.grad is not None and st is not None and "ascent_grad" in st:
-                    pairs.append((p, st["ascent_grad"], p.grad))
-        if not pairs:
+        :data:`REUSE_KEY` (so it is saved with the state dict).  After a non-finite step the
+        direction is zero: the steps until the next full step are base steps."""
+        kept = [(p, d) for p, d in self._kept if p.grad is not None]
+        self._kept = []
+        if not kept:
             return
-        ps, gs, gss = zip(*pairs)
-        dots = [torch.dot(a.flatten(), b.flatten()) for a, b in zip(gs, gss)]
-        sq = torch._foreach_mul(torch._foreach_norm(gs), torch._foreach_norm(gs))
-        coeff = torch._foreach_div(dots, torch._foreach_add(sq, self.norm_eps))
+        ds = [d for _, d in kept]
+        gss = [p.grad for p, _ in kept]
+        dots = [torch.dot(d.flatten(), gs.flatten()) for d, gs in zip(ds, gss)]
+        norms = torch._foreach_norm(ds)
+        coeff = torch._foreach_div(
+            dots, torch._foreach_add(torch._foreach_mul(norms, norms), 1e-30)
+        )
         torch._foreach_neg_(coeff)
-        gv = torch._foreach_add(gss, torch._foreach_mul(gs, coeff))
-        ok = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(gv)])).all()
-        for p, d in zip(ps, gv):
-            old = base[p].get(REUSE_KEY)
-            base[p][REUSE_KEY] = torch.where(ok, d, torch.zeros_like(d) if old is None else old)
+        torch._foreach_mul_(ds, coeff)
+        torch._foreach_add_(ds, gss)
+        dnorms = torch._foreach_norm(ds)
+        if self.nonfinite != "ignore":  # the step's own check synchronizes anyway
+            if not bool(torch.isfinite(torch.stack([n.float() for n in dnorms])).all()):
+                torch._foreach_zero_(ds)
+                dnorms = [torch.zeros_like(n) for n in dnorms]
+        base = self.base_optimizer.state
+        for (p, _), n in zip(kept, dnorms):  # ||g_v,l||, read by every step until the next
+            base[p][REUSE_NORM_KEY] = n
 
     def _apply_reuse(self) -> None:
         """LookSAM between full steps: ``g_l <- g_l + α ||g_l|| g_v,l / ||g_v,l||`` for every
         tensor with a kept direction.  The added component has each layer's gradient norm
         times α, so it has the gradient's width exponents in every layer and the base
         optimizer's μP learning rates apply to it unchanged."""
-        base, grads, dirs = self.base_optimizer.state, [], []
+        base, grads, dirs, dnorms = self.base_optimizer.state, [], [], []
         for g in self.param_groups:
             for p in g["params"]:
-                d = base[p].get(REUSE_KEY) if p in base else None
-                if p.grad is not None and d is not None:
+                st = base[p] if p in base else {}
+                if p.grad is not None and REUSE_KEY in st and REUSE_NORM_KEY in st:
                     grads.append(p.grad)
-                    dirs.append(d)
+                    dirs.append(st[REUSE_KEY])
+                    dnorms.append(st[REUSE_NORM_KEY])
         if not grads:
             return
-        gnorm = torch._foreach_norm(grads)
         scale = torch._foreach_div(
-            torch._foreach_mul(gnorm, self.reuse_scale),
-            torch._foreach_add(torch._foreach_norm(dirs), self.norm_eps),
+            torch._foreach_mul(torch._foreach_norm(grads), self.reuse_scale),
+            torch._foreach_add(dnorms, self.norm_eps),
         )
-        torch._foreach_add_(grads, torch._foreach_mul(dirs, scale))
+        torch._foreach_addcmul_(grads, dirs, scale)  # no gradient-sized temporaries
 
     @torch.no_grad()
     def denominator_terms(self) -> list[tuple[torch.Tensor, float]]:
