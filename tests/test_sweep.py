@@ -363,3 +363,82 @@ def test_workers_are_capped_at_the_queued_points_and_warned_above_the_cores(caps
         assert _worker_count(64, 4) == 4
     assert "64 workers asked for 4 queued point(s): starting 4" in capsys.readouterr().out
     assert _worker_count(3, 0) == 1  # nothing queued: one worker waits for the others
+
+
+def test_a_trial_popped_without_a_heartbeat_is_reclaimed(tmp_path, monkeypatch):
+    """A worker killed between study.ask() and its first heartbeat leaves a RUNNING trial
+    that Optuna never finds stale; prepare fails it after POP_GRACE and queues its point."""
+    from optuna.trial import TrialState
+
+    grid = {"lr": [0.05, 0.1], "width": [256], "rho": [0.1]}
+    url = sweep.storage_url(tmp_path)
+    sweep.prepare(url, grid, BASE)
+    study = sweep._study(url, None, create=False)
+    stranded = study.ask()  # popped, as a worker does, and never beaten: the kill window
+    popped = sweep._pop(study, sweep.make_storage(url), grid, sweep.pop_lock(url))
+    assert popped is not None and popped[0].user_attrs[sweep.BEATING]  # a live worker's
+    counts = sweep.prepare(url, grid, BASE)  # too young to judge: still running
+    assert counts["running"] == 2
+    monkeypatch.setattr(sweep, "POP_GRACE", 0.0)
+    counts = sweep.prepare(url, grid, BASE)
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states[stranded.number] == TrialState.FAIL
+    assert counts["running"] == 1  # the beaten trial is Optuna's to judge, by its heartbeat
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert len(waiting) == 1  # the stranded trial's point is queued again
+
+
+def _sweep_parent(out_dir):
+    base = dict(BASE, epochs=60)
+    grid = {"lr": [0.05, 0.1, 0.2, 0.4], "width": [256], "rho": [0.1]}
+    sweep.run_sweep(grid, base, out_dir, workers=2, progress=False, vectorize=False)
+
+
+def _children(pid):
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_workers_stop_when_the_parent_alone_is_terminated(tmp_path):
+    """SIGTERM to the sweep's parent only (docker stop, Kubernetes): its workers stop too,
+    instead of training on as orphans, and their trials are queued again on the next run."""
+    from optuna.trial import TrialState
+
+    parent = mp.get_context("spawn").Process(target=_sweep_parent, args=(str(tmp_path),))
+    parent.start()
+    url = sweep.storage_url(tmp_path)
+    deadline = time.time() + 120
+    workers, running = [], []
+    while time.time() < deadline and (len(workers) < 2 or len(running) < 2):
+        time.sleep(0.5)
+        workers = _children(parent.pid)
+        if (tmp_path / "sweep.db").exists():
+            study = sweep._study(url, None, create=False)
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    assert len(workers) >= 2 and len(running) == 2
+    os.kill(parent.pid, signal.SIGTERM)
+    parent.join(30)
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers)
+    time.sleep(sweep.GRACE_PERIOD + sweep.HEARTBEAT_INTERVAL + 1)  # their heartbeats go stale
+    grid = {"lr": [0.05, 0.1, 0.2, 0.4], "width": [256], "rho": [0.1]}
+    counts = sweep.prepare(url, grid, dict(BASE, epochs=60))
+    assert counts["running"] == 0 and counts["done"] + counts["waiting"] == 4

@@ -20,6 +20,7 @@ How a sweep stays exact:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import importlib.util
 import itertools
@@ -27,6 +28,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import threading
 import time
 import warnings
@@ -51,6 +53,10 @@ from .train import train
 
 HEARTBEAT_INTERVAL = 2
 GRACE_PERIOD = 8
+# a RUNNING trial that never got its first heartbeat (its worker died between study.ask() and
+# it) is stale once it is this old: Optuna only judges trials that have a heartbeat
+POP_GRACE = 60.0
+BEATING = "heartbeat"  # the trial's user attribute set after its first heartbeat
 STUDY_NAME = "mupp-sweep"
 
 
@@ -320,6 +326,7 @@ def prepare(
             "the new sweep (finished results stay where they are)"
         )
     optuna.storages.fail_stale_trials(study)
+    _fail_unbeaten(study)
     if reclaim_running:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             try:
@@ -381,14 +388,36 @@ def config_diff(stored: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     return "; ".join(parts) or "(no difference)"
 
 
+def _fail_unbeaten(study) -> None:
+    """Fail the RUNNING trials older than :data:`POP_GRACE` that never had a heartbeat (their
+    worker died right after popping them: Ctrl-C or kill -9 between ``study.ask()`` and the
+    first beat), so that :func:`prepare` queues their points again; Optuna's own stale check
+    only sees trials with a heartbeat."""
+    now = datetime.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = t.datetime_start
+        if BEATING in t.user_attrs or started is None:
+            continue
+        if (now - started).total_seconds() >= POP_GRACE:
+            try:
+                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile
+                pass
+
+
 def _pop(study, storage, grid, lock) -> tuple[Any, dict[str, Any]] | None:
-    """Pop one enqueued trial under ``lock`` (:func:`pop_lock`); ``None`` when the queue is empty."""
+    """Pop one enqueued trial under ``lock`` (:func:`pop_lock`); ``None`` when the queue is
+    empty.  Its first heartbeat is recorded at once, and marked (:data:`BEATING`): a trial
+    popped by a worker that dies before that is failed by :func:`_fail_unbeaten`."""
     with lock:
         if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             return None
         with warnings.catch_warnings():  # we send the heartbeats ourselves
             warnings.simplefilter("ignore", UserWarning)
             trial = study.ask()
+        if hasattr(storage, "record_heartbeat") and getattr(storage, "heartbeat_interval", None):
+            storage.record_heartbeat(trial._trial_id)
+            trial.set_user_attr(BEATING, True)
     fixed = storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
     if fixed is None:
         # another worker took the last queued point between our check and ask()
@@ -570,7 +599,23 @@ def _worker_entry(
 ) -> None:
     warnings.filterwarnings("ignore", module="optuna")
     torch.set_num_threads(threads)
+    _stop_with_parent()
     worker(url, out_dir, vectorize=vectorize, keep_checkpoints=keep_checkpoints)
+
+
+def _stop_with_parent(poll: float = 1.0) -> None:
+    """End this worker process when its parent ends (``docker stop`` and Kubernetes send
+    SIGTERM to the sweep's parent alone): a daemon thread polls the parent's pid and sends
+    this process SIGTERM, which stops it at once.  Its trial keeps a heartbeat that goes
+    stale, so the next ``mupp sweep`` queues the point again."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="mupp-parent-watch").start()
 
 
 def run_sweep(
