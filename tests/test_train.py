@@ -1,7 +1,10 @@
 """Training runs: determinism, exact resume, divergence flag, configs, CLI."""
 
+import errno
 import json
 import math
+import os
+import signal
 
 import pytest
 
@@ -185,3 +188,98 @@ def test_text_configurations_are_checked_at_the_door(bad, message):
 
     with pytest.raises(ValueError, match=message):
         TrainConfig.from_dict(bad).validate()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_epoch_checkpoints_the_step_and_resumes_bitwise(tmp_path, monkeypatch, signum):
+    """SIGTERM or SIGINT inside an epoch: the step finishes, the checkpoint keeps the position
+    in the epoch (data order, running sums, RNG), and --resume equals an uninterrupted run."""
+    import mupp.lab.train as train_mod
+
+    cfg = dict(BASE, schedule="cosine", label_smoothing=0.0)
+    full = train(cfg, tmp_path / "full", progress=False, dataset=DS, log=None)
+    real = train_mod.epoch_batches
+
+    def signalling(cfg_, split, name, epoch):
+        for i, batch in enumerate(real(cfg_, split, name, epoch)):
+            if epoch == 1 and i == 3:  # a real signal, delivered during the 4th step of epoch 2
+                os.kill(os.getpid(), signum)
+            yield batch
+
+    monkeypatch.setattr(train_mod, "epoch_batches", signalling)
+    with pytest.raises(train_mod.Preempted) as stopped:
+        train(cfg, tmp_path / "part", progress=False, dataset=DS, log=None)
+    assert (stopped.value.epoch, stopped.value.step, stopped.value.signum) == (2, 4, signum)
+    assert signal.getsignal(signum) is not None  # the old handler is back
+    monkeypatch.setattr(train_mod, "epoch_batches", real)
+    resumed = train(cfg, tmp_path / "part", resume=True, progress=False, dataset=DS, log=None)
+    assert resumed["history"] == full["history"]
+
+
+def test_mupp_train_stopped_by_sigterm_says_how_to_continue(tmp_path):
+    """The CLI: one line, exit status 128 + 15, and --resume finishes the run."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mupp.lab.cli", "train", "--dataset", "synthetic", "--width", "64"]
+    cmd += [
+        "--base-width",
+        "32",
+        "--epochs",
+        "400",
+        "--rho",
+        "0.1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint.pt").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    assert "stopped at epoch" in stdout and "--resume` continues" in stdout
+
+
+def test_a_failed_checkpoint_write_leaves_the_last_one_and_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"epoch": 1}, path)
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path) + ".tmp")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        save_checkpoint({"epoch": 2}, path)
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()  # it would keep the disk full
+    assert load_checkpoint(path)["epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    "code,remedy",
+    [
+        (errno.ENOSPC, "rerun with --resume: the last complete checkpoint is intact"),
+        (errno.EROFS, "read-only: choose an --out on a writable one"),
+        (errno.EACCES, "permission denied: choose an --out"),
+    ],
+)
+def test_operating_system_errors_are_one_line(tmp_path, monkeypatch, capsys, code, remedy):
+    import mupp.lab.commands as commands
+
+    def refuse(*a, **k):
+        raise OSError(code, os.strerror(code), str(tmp_path / "run" / "checkpoint.pt.tmp"))
+
+    monkeypatch.setattr(commands, "train", refuse)
+    status = main(
+        ["train", "--dataset", "synthetic", "--epochs", "1", "--out", str(tmp_path / "run")]
+    )
+    err = capsys.readouterr().err
+    assert status == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert os.strerror(code) in err and "checkpoint.pt.tmp" in err and remedy in err
+    with pytest.raises(OSError):  # --debug still shows it
+        main(["--debug", "train", "--dataset", "synthetic", "--out", str(tmp_path / "run")])

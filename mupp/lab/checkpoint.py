@@ -42,12 +42,16 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
     digest = hashlib.sha256(payload).hexdigest().encode()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(CHECKPOINT_MAGIC + digest + b"\n")
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(CHECKPOINT_MAGIC + digest + b"\n")
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a signal: the previous checkpoint stays, no partial file
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -106,14 +110,26 @@ class RunCheckpoint:
                 "another output directory, or --restart to discard it"
             )
 
-    def save(self, model, opt, sched, history, epoch: int, elapsed: float) -> None:
-        """Write the state after ``epoch`` (model, optimizer, scheduler, RNG, history)."""
+    def save(
+        self,
+        model,
+        opt,
+        sched,
+        history,
+        epoch: int,
+        elapsed: float,
+        position: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write the state after ``epoch`` (model, optimizer, scheduler, RNG, history).  A
+        run stopped inside epoch ``epoch + 1`` also saves its ``position`` there (the steps
+        taken and the epoch's running sums), from which :meth:`load` continues."""
         meta = {
             "config": self.cfg.to_dict(),
             "scheduler": sched.state_dict(),
             "history": history,
             "epoch": epoch,
             "elapsed": elapsed,
+            "position": dict(position) if position is not None else None,
         }
         if not self.sharded:
             if not self.writer:
@@ -141,8 +157,9 @@ class RunCheckpoint:
             shutil.rmtree(old, ignore_errors=True)
         torch.distributed.barrier()
 
-    def load(self, model, opt, sched) -> tuple[list, int, float]:
-        """Restore the state in place; returns ``(history, next epoch, elapsed seconds)``."""
+    def load(self, model, opt, sched) -> tuple[list, int, float, dict | None]:
+        """Restore the state in place; returns ``(history, next epoch, elapsed seconds,
+        position in that epoch or None)``."""
         if not self.sharded:
             state = load_checkpoint(self.path)
             self._check_config(state["config"])
@@ -156,7 +173,7 @@ class RunCheckpoint:
             extra = distributed.load_sharded(self.path, model, opt, {"rng": torch.get_rng_state()})
             torch.set_rng_state(extra["rng"])
         sched.load_state_dict(meta["scheduler"])
-        return meta["history"], meta["epoch"] + 1, meta["elapsed"]
+        return meta["history"], meta["epoch"] + 1, meta["elapsed"], meta.get("position")
 
     def delete(self) -> None:
         """Remove the checkpoint (a finished run keeps only its record)."""

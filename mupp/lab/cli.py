@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -427,6 +428,26 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+# what to do about the operating-system errors a long run meets
+_OS_REMEDIES = {
+    errno.ENOSPC: "free some space (finished runs keep only result.json), then rerun with "
+    "--resume: the last complete checkpoint is intact",
+    errno.EDQUOT: "free some space within your quota, then rerun with --resume",
+    errno.EROFS: "the file system is read-only: choose an --out on a writable one",
+    errno.EACCES: "permission denied: choose an --out (or --data-dir) you can write, or fix "
+    "its permissions",
+    errno.EPERM: "operation not permitted: choose an --out (or --data-dir) you can write",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an operating-system error: what failed, on which path, what to do."""
+    where = f" ({e.filename})" if e.filename else ""
+    what = e.strerror or str(e)
+    remedy = _OS_REMEDIES.get(e.errno, "check the path and rerun (--debug shows the traceback)")
+    return f"{what}{where}: {remedy}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mupp`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status: 2 for
     bad input (one line on stderr; ``--debug`` or ``MUPP_DEBUG=1`` shows the traceback)."""
@@ -447,6 +468,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `mupp models | head`
         sys.stderr.close()
         return 0
+    except OSError as e:  # the file system refused: a full disk, a read-only mount, permissions
+        if args.debug or os.environ.get("MUPP_DEBUG"):
+            raise
+        print(f"mupp: error: {os_error_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop: one line, the shell's code
+        if args.debug or os.environ.get("MUPP_DEBUG"):
+            raise
+        print("mupp: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

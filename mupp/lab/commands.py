@@ -38,7 +38,7 @@ from .config import TrainConfig, load_config_file, load_preset
 from .plots import plot_coordcheck, plot_demo, plot_sweep
 from .statistics import format_statistics, run_statistics
 from .sweep import expand_point, grid_points, load_results, run_sweep, storage_url
-from .train import train
+from .train import Preempted, train
 
 # ------------------------------------------------------------------------------------ data
 
@@ -397,6 +397,11 @@ def _apply_sets(config: dict, sets: list[str] | None) -> dict:
     return config
 
 
+# `mupp train` stopped by a signal exits with 128 + the signal's number, as a shell reports a
+# process killed by it (143 for SIGTERM, 130 for SIGINT), after checkpointing its position
+PREEMPTED_EXIT = 128
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """``mupp train``: one run from flags, a config file and ``--set`` (later ones win)."""
     config = load_config_file(args.config) if args.config else {}
@@ -423,13 +428,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--out {args.out} holds a run that can resume: pass --resume to continue it, or "
             "--restart to start it over"
         )
-    result = train(
-        cfg,
-        args.out,
-        resume=args.resume,
-        progress=not args.no_progress,
-        stop_after_epochs=args.stop_after_epochs,
-    )
+    try:
+        result = train(
+            cfg,
+            args.out,
+            resume=args.resume,
+            progress=not args.no_progress,
+            stop_after_epochs=args.stop_after_epochs,
+        )
+    except Preempted as stopped:  # SIGTERM/SIGINT: the step finished, the checkpoint written
+        print(f"{stopped}; `mupp train ... --out {args.out} --resume` continues", flush=True)
+        return PREEMPTED_EXIT + stopped.signum
     if world()[0] != 0:
         return 0
     print(
@@ -505,18 +514,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     base, grid, order = _sweep_spec(args)
     if base.get("dataset", "cifar10") != "synthetic":  # before any worker starts
         data.load(base.get("dataset", "cifar10"), base.get("data_dir"))
-    results = run_sweep(
-        grid,
-        base,
-        args.out,
-        storage=args.storage,
-        workers=args.workers if args.workers is not None else (os.cpu_count() or 1),
-        progress=not args.no_progress,
-        reclaim_running=args.reclaim_running,
-        vectorize={"auto": None, "on": True, "off": False}[args.vectorize],
-        order=order,
-        keep_checkpoints=args.keep_checkpoints,
-    )
+    try:
+        results = run_sweep(
+            grid,
+            base,
+            args.out,
+            storage=args.storage,
+            workers=args.workers if args.workers is not None else (os.cpu_count() or 1),
+            progress=not args.no_progress,
+            reclaim_running=args.reclaim_running,
+            vectorize={"auto": None, "on": True, "off": False}[args.vectorize],
+            order=order,
+            keep_checkpoints=args.keep_checkpoints,
+        )
+    except Preempted as stopped:  # this process's worker checkpointed its run and re-queued it
+        print(f"sweep {stopped} of its current run; rerun this command to resume", flush=True)
+        return PREEMPTED_EXIT + stopped.signum
     total = len(grid_points(grid))
     if len(results) < total:
         print(

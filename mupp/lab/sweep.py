@@ -29,6 +29,7 @@ import multiprocessing as mp
 import os
 import re
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -49,7 +50,7 @@ from tqdm import tqdm
 from . import vectorized
 from .checkpoint import RECORD_FILE
 from .config import TrainConfig, differing_keys, with_defaults
-from .train import train
+from .train import Preempted, train
 
 HEARTBEAT_INTERVAL = 2
 GRACE_PERIOD = 8
@@ -600,7 +601,10 @@ def _worker_entry(
     warnings.filterwarnings("ignore", module="optuna")
     torch.set_num_threads(threads)
     _stop_with_parent()
-    worker(url, out_dir, vectorize=vectorize, keep_checkpoints=keep_checkpoints)
+    try:
+        worker(url, out_dir, vectorize=vectorize, keep_checkpoints=keep_checkpoints)
+    except Preempted as stopped:  # run checkpointed, trial re-queued: exit as the signal would
+        sys.exit(128 + stopped.signum)
 
 
 def _stop_with_parent(poll: float = 1.0) -> None:

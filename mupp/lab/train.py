@@ -7,11 +7,16 @@ global RNG state, so ``resume=True`` continues exactly where a killed run stoppe
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
 import json
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,20 +293,72 @@ def _step_function(
     return sam_step
 
 
+class Preempted(Exception):
+    """A run stopped by SIGTERM or SIGINT after finishing its current step; its checkpoint
+    holds the position inside the epoch, and ``resume=True`` continues from there."""
+
+    def __init__(self, epoch: int, step: int, signum: int) -> None:
+        self.epoch, self.step, self.signum = epoch, step, signum
+        super().__init__(f"stopped at epoch {epoch}, step {step}")
+
+
+@contextlib.contextmanager
+def _stop_requests(enabled: bool) -> Iterator[list[int]]:
+    """While the block runs, SIGTERM and SIGINT are recorded (the list gets the signal's
+    number) instead of killing the process, so that the training loop can finish its step
+    and checkpoint.  Only in the main thread (where Python runs signal handlers)."""
+    received: list[int] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in old:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class _EpochSums:
+    """An epoch's running totals, saved in a mid-epoch checkpoint (``position``)."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+
 def _train_epoch(
-    run: _Run, split: data_mod.Split, name: str, epoch: int, progress: bool
-) -> tuple[float, float]:
-    """One pass over the training split; returns ``(mean train loss, train accuracy)`` over
-    every worker's examples."""
+    run: _Run,
+    split: data_mod.Split,
+    name: str,
+    epoch: int,
+    progress: bool,
+    sums: _EpochSums | None = None,
+    stop: list[int] | None = None,
+) -> tuple[float, float, _EpochSums | None]:
+    """One pass over the training split, from step ``sums.step`` on (a resumed epoch skips
+    the batches it already took: their order depends only on seed and epoch).  Returns
+    ``(mean train loss, train accuracy, None)`` over every worker's examples, or, when a
+    stop was requested (``stop`` non-empty, one process only), the totals so far after the
+    current step."""
     cfg = run.cfg
-    batches = epoch_batches(cfg, split, name, epoch)
+    sums = sums or _EpochSums()
+    batches = itertools.islice(epoch_batches(cfg, split, name, epoch), sums.step, None)
     if progress:
         batches = tqdm(
-            batches, total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False
+            batches,
+            total=run.steps_per_epoch,
+            initial=sums.step,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
         )
-    loss_sum = torch.zeros(())
-    correct = torch.zeros((), dtype=torch.long)
-    seen = 0
+    loss_sum = torch.tensor(sums.loss_sum, dtype=torch.float32)
+    correct = torch.tensor(sums.correct, dtype=torch.long)
+    seen, step = sums.seen, sums.step
     for x, y in batches:
         if run.world_size > 1:  # every worker sees the same global batch order; take a shard
             x, y = x[run.rank :: run.world_size], y[run.rank :: run.world_size]
@@ -310,13 +367,18 @@ def _train_epoch(
         loss_sum += loss.detach().cpu() * y.numel()  # per example, or per character of text
         correct += (logits.argmax(-1) == y).sum().cpu()
         seen += y.numel()
+        step += 1
+        if stop and run.world_size == 1 and step < run.steps_per_epoch:
+            if progress:
+                batches.close()
+            return math.nan, math.nan, _EpochSums(step, loss_sum.item(), int(correct), seen)
     if progress:
         batches.close()
     if run.world_size > 1:
         stats = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen))]).double()
         torch.distributed.all_reduce(stats)
         loss_sum, correct, seen = stats[0], stats[1].long(), int(stats[2].item())
-    return (loss_sum / max(seen, 1)).item(), correct.item() / max(seen, 1)
+    return (loss_sum / max(seen, 1)).item(), correct.item() / max(seen, 1), None
 
 
 def _epoch_line(record: Mapping[str, Any], epochs: int) -> str:
@@ -371,9 +433,9 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
     ckpt = RunCheckpoint(out, cfg, run.sharded, writer=run.rank == 0) if out is not None else None
     history: list[dict[str, Any]] = []
-    start_epoch, elapsed = 0, 0.0
+    start_epoch, elapsed, position = 0, 0.0, None
     if resume and ckpt is not None and ckpt.exists():
-        history, start_epoch, elapsed = ckpt.load(run.model, run.opt, run.sched)
+        history, start_epoch, elapsed, position = ckpt.load(run.model, run.opt, run.sched)
     exact_mask = ds.test_exact[: len(test_split)] if ds.test_exact is not None else None
     test_inputs = eval_inputs(test_split, ds.name, cfg.model == "mlp", cfg.device)
     end_epoch = (
@@ -381,11 +443,42 @@ def train(
         if stop_after_epochs is None
         else min(cfg.epochs, start_epoch + stop_after_epochs)
     )
-    for epoch in range(start_epoch, end_epoch):
+    with _stop_requests(ckpt is not None and run.world_size == 1) as stop:
+        history, elapsed = _epochs(
+            run, ckpt, ds, (train_split, test_split, test_inputs, exact_mask), history,
+            range(start_epoch, end_epoch), elapsed, position, progress, log, stop,
+        )  # fmt: skip
+    result = summarize(cfg, history, elapsed)
+    if out is not None and run.rank == 0:
+        _write_result(out, result)
+    finished = result["diverged"] or len(history) >= cfg.epochs
+    if ckpt is not None and finished and not keep_checkpoint:
+        ckpt.delete()
+    return result
+
+
+def _epochs(run, ckpt, ds, data, history, epochs, elapsed, position, progress, log, stop):
+    """The epochs of :func:`train`; returns ``(history, elapsed)``.  A stop request (SIGTERM,
+    SIGINT) ends the current step, saves a checkpoint with the position inside the epoch
+    and raises :class:`Preempted`."""
+    cfg = run.cfg
+    train_split, test_split, test_inputs, exact_mask = data
+    sums = _EpochSums(**position) if position else None
+    for epoch in epochs:
         if history and history[-1].get("diverged"):
             break
         t0 = time.perf_counter()
-        train_loss, train_acc = _train_epoch(run, train_split, ds.name, epoch, progress)
+        train_loss, train_acc, stopped = _train_epoch(
+            run, train_split, ds.name, epoch, progress, sums, stop
+        )
+        sums = None
+        if stopped is not None:
+            elapsed += time.perf_counter() - t0
+            ckpt.save(
+                run.model, run.opt, run.sched, history, epoch - 1, elapsed,
+                dataclasses.asdict(stopped),
+            )  # fmt: skip
+            raise Preempted(epoch + 1, stopped.step, stop[0])
         test_acc, test_loss, per_example = evaluate(run.model, *test_inputs)
         record = epoch_record(
             epoch + 1,
@@ -403,13 +496,7 @@ def train(
             ckpt.save(run.model, run.opt, run.sched, history, epoch, elapsed)
         if log is not None:
             log(_epoch_line(record, cfg.epochs))
-    result = summarize(cfg, history, elapsed)
-    if out is not None and run.rank == 0:
-        _write_result(out, result)
-    finished = result["diverged"] or len(history) >= cfg.epochs
-    if ckpt is not None and finished and not keep_checkpoint:
-        ckpt.delete()
-    return result
+    return history, elapsed
 
 
 def summarize(cfg: TrainConfig, history: list[dict[str, float]], elapsed: float) -> dict[str, Any]:
