@@ -361,3 +361,64 @@ def format_transfer(summary: Mapping[str, Any], by_lr: bool = False, metric: Met
         "significantly worse than the optimum (paired by seed)"
     )
     return "\n".join(lines)
+
+
+def efficiency_summary(
+    rows: list[Mapping[str, Any]], reference: str = "mupp", goal: float = 0.75
+) -> dict[str, Any]:
+    """How much of ``reference``'s gain (two-pass μP² SAM) each setting keeps, per width.
+
+    For every setting and width: its best ``rho > 0`` cell's gain over its own SGD cell
+    (``rho = 0``), paired by seed, with its 95% interval; ``kept``, that mean gain over the
+    reference's mean gain at the same width; and the goal test, the interval of the per-seed
+    ``gain - goal · reference gain``: ``"met"`` when it lies above zero, ``"missed"`` below,
+    ``"open"`` when it contains zero or fewer than two seeds are shared.
+    Returns ``{"reference", "goal", "rows": [...]}``, one row per (setting, width)."""
+    cells = aggregate(rows)
+    gains: dict[tuple, tuple] = {}
+    for (setting, width), grid in cells.items():
+        sam, _, gain = _sam_vs_sgd(grid)
+        if sam is not None and gain is not None:
+            sgd = optimum(grid, lambda rho: rho == 0)
+            per_seed = {
+                s: grid[sam[0]]["by_seed"][s] - grid[sgd[0]]["by_seed"][s]
+                for s in set(grid[sam[0]]["by_seed"]) & set(grid[sgd[0]]["by_seed"])
+            }
+            gains[(setting, width)] = (sam[0][1], gain, per_seed)
+    out = []
+    for (setting, width), (rho, gain, per_seed) in sorted(
+        gains.items(), key=lambda kv: (kv[0][1], kv[0][0])
+    ):
+        ref = gains.get((reference, width))
+        row = {"setting": setting, "width": width, "best_rho": rho, "gain": _diff(gain)}
+        row.update(kept=None, goal_test=_diff(None), verdict="open")
+        if ref is not None and ref[1]["mean"] > 0:
+            row["kept"] = gain["mean"] / ref[1]["mean"]
+            test = confidence.paired(per_seed, {s: goal * g for s, g in ref[2].items()})
+            row["goal_test"] = _diff(test)
+            if test is not None and confidence.excludes_zero(test):
+                row["verdict"] = "met" if test["mean"] > 0 else "missed"
+        out.append(row)
+    return {"reference": reference, "goal": goal, "rows": out}
+
+
+def format_efficiency(summary: Mapping[str, Any]) -> str:
+    """The table of :func:`efficiency_summary`, one line per setting and width."""
+    goal = summary["goal"]
+    lines = [
+        f"{'setting':<28}{'width':>7}{'best rho':>10}{'gain over SGD':>22}{'kept':>8}"
+        f"{'gain - ' + format(goal, 'g') + ' x ref':>24}  goal"
+    ]
+    for r in summary["rows"]:
+        kept = "" if r["kept"] is None else f"{100 * r['kept']:.0f}%"
+        lines.append(
+            f"{r['setting']:<28}{r['width']:>7g}{r['best_rho']:>10g}"
+            f"{_pm(r['gain']['mean'], r['gain']['ci'], signed=True):>22}{kept:>8}"
+            f"{_pm(r['goal_test']['mean'], r['goal_test']['ci'], signed=True):>24}  {r['verdict']}"
+        )
+    lines.append(
+        f"gain: best rho > 0 cell minus the setting's SGD cell, paired by seed, ± 95% t-interval; "
+        f"kept: share of {summary['reference']}'s mean gain at the same width; goal {goal:g}: met "
+        "when the interval of gain - goal x reference gain lies above zero"
+    )
+    return "\n".join(lines)

@@ -268,6 +268,19 @@ def _add_transfer(sub: argparse._SubParsersAction) -> None:
     tr.set_defaults(func=commands.cmd_transfer)
 
 
+def _add_efficiency(sub: argparse._SubParsersAction) -> None:
+    """``mupp efficiency``."""
+    e = sub.add_parser(
+        "efficiency", help="share of two-pass μP² SAM's gain each (cheap) setting keeps"
+    )
+    _add_sweep_io(e)
+    _add_run_filters(e)
+    e.add_argument("--reference", default="mupp", help="the setting whose gain is 100%%")
+    e.add_argument("--goal", type=float, default=0.75, help="the share to test for")
+    e.add_argument("--json", default=None)
+    e.set_defaults(func=commands.cmd_efficiency)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     """``mupp demo``."""
     d = sub.add_parser(
@@ -401,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_sweep,
         _add_plot,
         _add_transfer,
+        _add_efficiency,
         _add_demo,
     ):
         add(sub)

@@ -23,7 +23,13 @@ from ..distributed import world
 from ..models import build, count_params
 from ..optim import SAM
 from . import data, demo
-from .analysis import format_transfer, rows_from_records, transfer_summary
+from .analysis import (
+    efficiency_summary,
+    format_efficiency,
+    format_transfer,
+    rows_from_records,
+    transfer_summary,
+)
 from .checkpoint import CHECKPOINT_FILE, SHARDED_DIR, discard_run
 from .checks import (
     DEFAULT_BASE,
@@ -605,6 +611,24 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_efficiency(args: argparse.Namespace) -> int:
+    """``mupp efficiency``: each setting's gain over SGD and the share of the reference
+    setting's gain it keeps (cheap SAM against two-pass μP² SAM), with paired CIs."""
+    if not 0 < args.goal <= 1:
+        raise ValueError(f"--goal must be a share in (0, 1]; got {args.goal}")
+    summary = efficiency_summary(_rows(args), reference=args.reference, goal=args.goal)
+    if not any(r["setting"] == args.reference for r in summary["rows"]):
+        raise ValueError(
+            f"--reference {args.reference!r} has no finished SAM and SGD cells in this sweep"
+        )
+    print(format_efficiency(summary))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
         print(f"wrote {args.json}")
     return 0
 
