@@ -442,3 +442,48 @@ def test_workers_stop_when_the_parent_alone_is_terminated(tmp_path):
     grid = {"lr": [0.05, 0.1, 0.2, 0.4], "width": [256], "rho": [0.1]}
     counts = sweep.prepare(url, grid, dict(BASE, epochs=60))
     assert counts["running"] == 0 and counts["done"] + counts["waiting"] == 4
+
+
+def test_queries_read_an_archived_sweep_without_the_lock_file(tmp_path, monkeypatch):
+    """mupp transfer/plot on a read-only mount: the pop-lock file cannot be created there."""
+    grid = {"lr": [0.05, 0.1], "width": [64], "rho": [0.1]}
+    sweep.run_sweep(grid, BASE, tmp_path, workers=1, progress=False)
+
+    def read_only_mount(*args, **kwargs):
+        raise OSError(30, "Read-only file system", str(tmp_path / "sweep.db.pop.lock"))
+
+    monkeypatch.setattr(sweep, "FileLock", read_only_mount)
+    assert len(sweep.load_results(sweep.storage_url(tmp_path))) == 2
+    assert main(["transfer", "--out", str(tmp_path)]) == 0
+
+
+def test_a_damaged_sweep_db_says_how_to_rebuild_it_from_runs(tmp_path, monkeypatch, capsys):
+    grid = {"lr": [0.05, 0.1], "width": [64], "rho": [0.1]}
+    sweep.run_sweep(grid, BASE, tmp_path, workers=1, progress=False)
+    db = tmp_path / "sweep.db"
+    with open(db, "r+b") as f:  # zeroed pages, as a torn write or a bad disk leaves them
+        f.seek(4096)
+        f.write(b"\0" * 8192)
+    assert main(["transfer", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "rebuilt from the records in runs/" in err
+    with pytest.raises(ValueError, match="move it aside and rerun the same `mupp sweep`"):
+        sweep.run_sweep(grid, BASE, tmp_path, workers=1, progress=False)
+    # what the message promises: a new database refills from runs/ without training again
+    db.rename(tmp_path / "sweep.db.damaged")
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished point was trained again")
+
+    monkeypatch.setattr(sweep, "train", no_training)
+    assert len(sweep.run_sweep(grid, BASE, tmp_path, workers=1, progress=False)) == 2
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(workers=0), dict(storage="nosuchdriver://x"), dict(storage="postgresql://u@/")]
+)
+def test_a_rejected_sweep_leaves_no_empty_out(tmp_path, kw):
+    out = tmp_path / "new" / "sweep"
+    with pytest.raises(ValueError):
+        sweep.run_sweep({"lr": [0.1]}, BASE, out, progress=False, **kw)
+    assert not out.exists()

@@ -98,17 +98,20 @@ def storage_driver_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def make_storage(url: str):
+def make_storage(url: str, read_only: bool = False):
     """Optuna storage with heartbeats: ``journal:PATH`` for a journal file, else an RDB URL.
-    An unreachable or unreadable database is a ``ValueError`` with one clear line."""
+    An unreachable or unreadable database is a ``ValueError`` with one clear line.
+    ``read_only`` (queries: ``mupp transfer``, ``plot``) takes no lock file, so that an
+    archived sweep on a read-only mount can be read."""
     url = storage_driver_url(url)
     if url.startswith("journal:"):
         return JournalStorage(JournalFileBackend(url[len("journal:") :]))
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            # two processes that open a new SQLite file at once would both create its tables
-            with pop_lock(url):
+            # two processes that open a new SQLite file at once would both create its tables;
+            # a query opens an existing one and creates nothing
+            with contextlib.nullcontext() if read_only else pop_lock(url):
                 return optuna.storages.RDBStorage(
                     url,
                     heartbeat_interval=HEARTBEAT_INTERVAL,
@@ -639,11 +642,18 @@ def run_sweep(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {str(out_dir)!r} is a file; expected a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    url = storage_url(out_dir, storage)
-    if workers < 1:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be >= 1; got {workers}")
-    counts = prepare(url, grid, base_config, reclaim_running, order)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        url = storage_url(out_dir, storage)
+        with damaged_storage(url):
+            counts = prepare(url, grid, base_config, reclaim_running, order)
+    except BaseException:  # a rejected sweep (bad storage URL, ...) leaves no empty --out
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     total = counts["done"] + counts["waiting"] + counts["running"]
     print(
         f"sweep: {total} grid points, {counts['done']} done, {counts['waiting']} queued "
@@ -744,11 +754,31 @@ def _run_with_progress(
         bar.close()
 
 
+@contextlib.contextmanager
+def damaged_storage(url: str) -> Iterator[None]:
+    """Turn a damaged database (zeroed or overwritten pages of a SQLite file) into one
+    ``ValueError`` that says what to do: every finished run keeps its record in ``runs/``,
+    so a new database rebuilds every finished point from there."""
+    try:
+        yield
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+        cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) else e
+        first = (str(cause or e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"the sweep storage {_redact(url)} cannot be read ({first[:160]}). If it is a "
+            "damaged sweep.db, move it aside and rerun the same `mupp sweep`: every finished "
+            "point is rebuilt from the records in runs/"
+        ) from None
+
+
 def load_results(url: str) -> list[dict[str, Any]]:
-    """One record per finished grid point: ``params`` and the training ``result``."""
-    study = _study(url, None, create=False)
+    """One record per finished grid point: ``params`` and the training ``result`` (a query:
+    no lock file is taken, the storage is only read)."""
+    with damaged_storage(url):
+        study = _study(url, None, create=False, storage=make_storage(url, read_only=True))
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     out = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for t in trials:
         if "result" in t.user_attrs:
             out.append(
                 {
