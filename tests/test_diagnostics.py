@@ -204,6 +204,57 @@ def test_coordcheck_bad_input():
         coordcheck("cnn", [64, 128], progress=False)
 
 
+FACTORIES = """
+import torch
+import mupp
+
+
+def raises(w):
+    raise RuntimeError("boom")
+
+
+def none(w):
+    return None
+
+
+def adict(w):
+    return {"a": 1}
+
+
+def nowidth():
+    return torch.nn.Linear(3, 3)
+
+
+def vectors(w):
+    def net(n):
+        return torch.nn.Sequential(torch.nn.Linear(3072, n), torch.nn.ReLU(), torch.nn.Linear(n, 10))
+
+    return mupp.set_base_shapes(net(int(w)), net(8))
+"""
+
+
+@pytest.mark.parametrize(
+    "factory,message",
+    [
+        ("factories:raises", "the factory raised RuntimeError: boom"),
+        ("factories:none", "the factory returned NoneType for width 16, not an nn.Module"),
+        ("factories:adict", "the factory returned dict for width 16"),
+        ("factories:nowidth", "must take the width as its one argument"),
+        ("factories:vectors", "pass --flatten to feed the images flattened"),
+        ("broken:make", "'broken' has a syntax error (expected ':'"),
+    ],
+)
+def test_coordcheck_of_a_bad_factory_is_one_line(tmp_path, monkeypatch, capsys, factory, message):
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    (tmp_path / "broken.py").write_text("def make(w) return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    status = main(
+        ["coordcheck", "--model", factory, "--widths", "16,32", "--steps", "1", "--seeds", "1"]
+    )
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err and message in err, err
+
+
 def test_resnet_and_vit_coordcheck_run():
     for model, widths in (("resnet8", [8, 16]), ("vit", [32, 64])):
         r = coordcheck(model, widths, steps=1, seeds=1, batch_size=8, progress=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -139,6 +140,11 @@ def load_factory(spec: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(f"--model {spec}: cannot import {module_name!r} ({e})") from None
+    except SyntaxError as e:
+        raise ValueError(
+            f"--model {spec}: {module_name!r} has a syntax error ({e.msg}, {e.filename} line "
+            f"{e.lineno})"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"--model {spec}: {module_name} has no function {attr!r}")
@@ -168,16 +174,26 @@ def _user_coordcheck(args: argparse.Namespace) -> dict:
         rho=args.rho,
         dataset=args.dataset,
     )
-    return coord_data(
-        make,
-        args.widths,
-        make_optimizer,
-        batches,
-        steps=args.steps,
-        seeds=args.seeds,
-        progress=True,
-        config=config,
-    )
+    try:
+        return coord_data(
+            lambda w: make_checked(make, w),
+            args.widths,
+            make_optimizer,
+            batches,
+            steps=args.steps,
+            seeds=args.seeds,
+            progress=True,
+            config=config,
+        )
+    except RuntimeError as e:  # the model's forward on the dataset's batches
+        shapes = "shapes cannot be multiplied" in str(e) or "size mismatch" in str(e)
+        hint = (
+            "; the model takes vectors: pass --flatten to feed the images flattened"
+            if shapes and not args.flatten
+            else ""
+        )
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"--model {args.model}: training failed ({first[:200]}){hint}") from e
 
 
 # the SAM options of `mupp coordcheck` that change nothing at these values (left out of the
@@ -273,7 +289,17 @@ def _verify_setup(args: argparse.Namespace) -> tuple[Callable, Callable[[int], A
 
 
 def make_checked(make: Callable, width: float) -> torch.nn.Module:
-    """``make(width)``, refused in one line when it raises or returns no ``nn.Module``."""
+    """``make(width)``, refused in one line when it takes no width, raises or returns no
+    ``nn.Module``."""
+    try:
+        inspect.signature(make).bind(width)
+    except TypeError:
+        raise ValueError(
+            f"--model: the factory {getattr(make, '__name__', make)!r} must take the width as "
+            "its one argument (def make(width): ...)"
+        ) from None
+    except ValueError:  # a builtin without a signature: call it and see
+        pass
     try:
         model = make(int(width) if float(width).is_integer() else width)
     except Exception as e:  # the user's factory: any failure is theirs to see in one line
