@@ -392,7 +392,9 @@ def efficiency_summary(
         ref = gains.get((reference, width))
         row = {"setting": setting, "width": width, "best_rho": rho, "gain": _diff(gain)}
         row.update(kept=None, goal_test=_diff(None), verdict="open")
-        if ref is not None and ref[1]["mean"] > 0:
+        if setting == reference:
+            row.update(kept=1.0, verdict="reference")
+        elif ref is not None and ref[1]["mean"] > 0:
             row["kept"] = gain["mean"] / ref[1]["mean"]
             test = confidence.paired(per_seed, {s: goal * g for s, g in ref[2].items()})
             row["goal_test"] = _diff(test)
