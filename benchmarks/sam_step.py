@@ -321,6 +321,16 @@ def _models(widths: list[int]) -> dict:
     return models
 
 
+def _print_ratios(out: dict, names: list[str], columns: list[tuple[str, str, int]]) -> None:
+    """A table of ratios, one row per model: ``columns`` are (header, key of ``out``, width);
+    a ratio the run lacks (pytorch-optimizer not installed) prints as nan."""
+    print()
+    print(f"{'model':<14}" + "".join(f"{h:>{w}}" for h, _, w in columns))
+    for n in names:
+        cells = "".join(f"{out.get(k, {}).get(n, float('nan')):>{w}.2f}" for _, k, w in columns)
+        print(f"{n:<14}" + cells)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", default="256,1024,4096")
@@ -414,29 +424,28 @@ def main() -> None:
         out["ratio_peer_looksam_over_sgd"] = {
             n: t["pytorch-optimizer-looksam5"][n] / t["sgd"][n] for n in names
         }
-    print()
-    print(
-        f"{'model':<14}{'mupp/SGD':>10}{'DP/SGD':>10}{'LL/SGD':>10}{'LL2p/SGD':>10}"
-        f"{'mupp/common':>13}{'mupp/peer':>11}"
+    _print_ratios(
+        out,
+        names,
+        [
+            ("mupp/SGD", "ratio_mupp_over_sgd", 10),
+            ("DP/SGD", "ratio_mupp_dp_over_sgd", 10),
+            ("LL/SGD", "ratio_last_layer_over_sgd", 10),
+            ("LL2p/SGD", "ratio_last_layer_2pass_over_sgd", 10),
+            ("mupp/common", "ratio_mupp_over_common_sam", 13),
+            ("mupp/peer", "ratio_mupp_over_peer", 11),
+        ],
     )
-    for n in names:
-        peer = out.get("ratio_mupp_over_peer", {}).get(n, float("nan"))
-        print(
-            f"{n:<14}{out['ratio_mupp_over_sgd'][n]:>10.2f}{out['ratio_mupp_dp_over_sgd'][n]:>10.2f}"
-            f"{out['ratio_last_layer_over_sgd'][n]:>10.2f}"
-            f"{out['ratio_last_layer_2pass_over_sgd'][n]:>10.2f}"
-            f"{out['ratio_mupp_over_common_sam'][n]:>13.2f}{peer:>11.2f}"
-        )
-    print()
-    print(
-        f"{'model':<14}{'LookSAM5/SGD':>14}{'every5/SGD':>12}{'MSAM/SGD':>10}{'peer LookSAM5/SGD':>19}"
+    _print_ratios(
+        out,
+        names,
+        [
+            ("LookSAM5/SGD", "ratio_looksam_over_sgd", 14),
+            ("every5/SGD", "ratio_every5_over_sgd", 12),
+            ("MSAM/SGD", "ratio_momentum_sam_over_sgd", 10),
+            ("peer LookSAM5/SGD", "ratio_peer_looksam_over_sgd", 19),
+        ],
     )
-    for n in names:
-        peer = out.get("ratio_peer_looksam_over_sgd", {}).get(n, float("nan"))
-        print(
-            f"{n:<14}{out['ratio_looksam_over_sgd'][n]:>14.2f}{out['ratio_every5_over_sgd'][n]:>12.2f}"
-            f"{out['ratio_momentum_sam_over_sgd'][n]:>10.2f}{peer:>19.2f}"
-        )
     print(
         "persistent SAM state / parameter size:",
         {m: round(v[names[0]], 2) for m, v in res["state_over_params"].items()},

@@ -597,16 +597,7 @@ class SAM(torch.optim.Optimizer):
         only runs their hooks), and its value is returned.
         """
         if self._pending:
-            loss = None
-            if closure is not None:
-                try:
-                    with torch.enable_grad():
-                        loss = closure()
-                except BaseException:
-                    self.restore()
-                    raise
-            self.second_step()
-            return loss
+            return self._finish(closure)
         if closure is None:
             raise RuntimeError(
                 "SAM.step() needs a closure that computes the loss and calls backward() "
@@ -616,13 +607,7 @@ class SAM(torch.optim.Optimizer):
         closure = torch.enable_grad()(closure)
         if not self.needs_ascent_gradient:  # one pass, at W + ε (momentum) or W (between)
             self.first_step(zero_grad=True)
-            try:
-                loss = closure()
-            except BaseException:
-                self.restore()
-                raise
-            self.second_step()
-            return loss
+            return self._finish(closure)
         rng = _rng_state() if self.same_randomness else None
         with self.ascent_pass():
             loss = closure()
@@ -634,6 +619,20 @@ class SAM(torch.optim.Optimizer):
         except BaseException:
             self.restore()
             raise
+        self.second_step()
+        return loss
+
+    def _finish(self, closure: Callable[[], Any] | None) -> Any:
+        """Evaluate ``closure`` (if any) at the pending ``W + ε``, restoring the weights if it
+        fails, then :meth:`second_step`; returns its value."""
+        loss = None
+        if closure is not None:
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            except BaseException:
+                self.restore()
+                raise
         self.second_step()
         return loss
 
