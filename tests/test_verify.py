@@ -68,7 +68,7 @@ def test_resnet_passes_under_dp_and_lp_names_its_denominator(cifar_dir):
     def make(w):
         return build("resnet8", w, 16, num_classes=10)
 
-    assert verify(make, [16, 32, 64], sgd_sam, batches, steps=10, seeds=1).ok
+    assert verify(make, [16, 32, 64], sgd_sam, batches, steps=10, seeds=2).ok
     lp = verify(
         make,
         [16, 32, 64],
