@@ -333,10 +333,7 @@ def prepare(
     _fail_unbeaten(study)
     if reclaim_running:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            try:
-                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile
-                pass
+            _fail_running(study, t)
     lock = pop_lock(url)
     locked = not isinstance(lock, contextlib.nullcontext)  # a file lock serializes the pops
     with lock:  # no worker pops while the queue is read and rebuilt
@@ -403,10 +400,15 @@ def _fail_unbeaten(study) -> None:
         if BEATING in t.user_attrs or started is None:
             continue
         if (now - started).total_seconds() >= POP_GRACE:
-            try:
-                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile
-                pass
+            _fail_running(study, t)
+
+
+def _fail_running(study, trial) -> None:
+    """Mark a RUNNING trial failed (its point is queued again), unless it finished meanwhile."""
+    try:
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
 
 
 def _pop(study, storage, grid, lock) -> tuple[Any, dict[str, Any]] | None:

@@ -614,12 +614,7 @@ class SAM(torch.optim.Optimizer):
         self.first_step(zero_grad=True)
         if rng is not None:
             _set_rng_state(rng)
-        try:
-            closure()
-        except BaseException:
-            self.restore()
-            raise
-        self.second_step()
+        self._finish(closure)
         return loss
 
     def _finish(self, closure: Callable[[], Any] | None) -> Any:
