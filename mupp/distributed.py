@@ -21,8 +21,9 @@ loads them on another number of ranks.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -75,6 +76,27 @@ def init_from_env(device: str = "cpu") -> tuple[int, int]:
         if device.startswith("cuda"):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return world()
+
+
+@contextlib.contextmanager
+def process_group(device: str = "cpu") -> Iterator[tuple[int, int]]:
+    """:func:`init_from_env` for the length of a ``with`` block, yielding ``(rank,
+    world_size)``; a group this call created is destroyed on the way out.
+
+    Models sharded by FSDP2 and DDP wrappers hold the group (through their device mesh or
+    reducer), often in reference cycles: left to interpreter shutdown, the group's worker
+    threads are torn down after Python and the process aborts ("terminate called without an
+    active exception").  So on the way out garbage is collected first, then the group is
+    destroyed while the interpreter is whole.  Objects created inside the block should not
+    outlive it (run the work in a function called inside the block)."""
+    created = not (dist.is_available() and dist.is_initialized())
+    ranks = init_from_env(device)
+    try:
+        yield ranks
+    finally:
+        if created and dist.is_initialized():
+            gc.collect()
+            dist.destroy_process_group()
 
 
 def sam_passes(

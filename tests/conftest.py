@@ -1,4 +1,7 @@
+import gc
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -54,9 +57,13 @@ def step_data(step: int, rank: int | None = None):
     return x[rank * 8 : (rank + 1) * 8], y[rank * 8 : (rank + 1) * 8]
 
 
-def init_gloo(rank: int, world: int, init_file: str) -> None:
-    """A gloo process group for a spawned test worker.  A rank waiting for a collective its peer
-    never joins fails after 120 s instead of hanging the test run."""
+@contextmanager
+def gloo_group(rank: int, world: int, init_file: str) -> Iterator[None]:
+    """A gloo process group for a spawned test worker, destroyed on the way out after a
+    garbage collection (the way :func:`mupp.distributed.process_group` ends): a sharded model
+    or DDP wrapper still holding the group at interpreter shutdown aborts the worker.  Build
+    models in a function called inside the block, so none outlives it.  A rank waiting for a
+    collective its peer never joins fails after 120 s instead of hanging the test run."""
     import torch.distributed as dist
 
     dist.init_process_group(
@@ -66,6 +73,11 @@ def init_gloo(rank: int, world: int, init_file: str) -> None:
         world_size=world,
         timeout=timedelta(seconds=120),
     )
+    try:
+        yield
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def tiny_llama(

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 import torch.nn.functional as F
-from conftest import init_gloo, prepared_mlp, step_data
+from conftest import gloo_group, prepared_mlp, step_data
 
 import mupp
 from mupp.distributed import sam_passes
@@ -28,8 +28,8 @@ PLANS = {
 }
 
 
-def _worker(rank, world, init_file, out_file, mode, parameterization, plan):
-    init_gloo(rank, world, init_file)
+def _ddp_run(rank, mode, parameterization, plan):
+    """The parameters after STEPS SAM steps of the DDP-wrapped model on ``rank``'s half."""
     torch.manual_seed(0)
     model = prepared_mlp(32, 8)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -45,12 +45,15 @@ def _worker(rank, world, init_file, out_file, mode, parameterization, plan):
     for step in range(STEPS):
         x, y = data(step, rank)
         sam_passes(ddp, opt, lambda x=x, y=y, net=ddp: F.cross_entropy(net(x), y), mode)
-    if rank == 0:
-        torch.save([p.detach() for p in model.parameters()], out_file)
-    # free DDP (its reducer holds the process group) before the group: a DDP object destroyed
-    # after its group can hang the worker's exit
-    del ddp, opt
-    dist.destroy_process_group()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _worker(rank, world, init_file, out_file, mode, parameterization, plan):
+    with gloo_group(rank, world, init_file):
+        # the DDP wrapper (its reducer holds the group) is gone before the group
+        params = _ddp_run(rank, mode, parameterization, plan)
+        if rank == 0:
+            torch.save(params, out_file)
 
 
 def run_ddp(tmp_path, mode, parameterization="mupp", plan="two-pass"):
@@ -129,6 +132,35 @@ def test_metadata_survives_ddp_wrapping(tmp_path, monkeypatch):
         assert [r["role"] for r in mupp.describe(ddp)] == ["input", "hidden", "output"]
         assert [r["name"] for r in mupp.describe(ddp)] == ["0.weight", "2.weight", "4.weight"]
         del ddp  # before its process group (see _worker)
+    finally:
+        dist.destroy_process_group()
+
+
+def _one_process_env(monkeypatch, port):
+    for name, value in dict(
+        WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+    ).items():
+        monkeypatch.setenv(name, value)
+
+
+def test_process_group_destroys_the_group_it_created(monkeypatch):
+    from mupp.distributed import process_group
+
+    _one_process_env(monkeypatch, "29731")
+    with process_group() as ranks:
+        assert ranks == (0, 1) and dist.is_initialized()
+    assert not dist.is_initialized()
+
+
+def test_process_group_leaves_a_group_it_did_not_create(tmp_path, monkeypatch):
+    from mupp.distributed import process_group
+
+    _one_process_env(monkeypatch, "29732")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        with process_group() as ranks:
+            assert ranks == (0, 1)
+        assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 import torch.nn.functional as F
-from conftest import init_gloo, mlp, prepared_mlp, step_data, tiny_llama
+from conftest import gloo_group, mlp, prepared_mlp, step_data, tiny_llama
 
 import mupp
 from mupp.distributed import sam_passes
@@ -91,11 +91,10 @@ def _one_case(rank, rule, variant, parameterization, shapes_after):
 
 
 def _worker(rank, world, init_file, out_file):
-    init_gloo(rank, world, init_file)
-    results = [_one_case(rank, *case) for case in CASES]
-    if rank == 0:
-        torch.save(results, out_file)
-    dist.destroy_process_group()
+    with gloo_group(rank, world, init_file):
+        results = [_one_case(rank, *case) for case in CASES]
+        if rank == 0:
+            torch.save(results, out_file)
 
 
 @pytest.fixture(scope="module")
@@ -183,19 +182,23 @@ def _hf_sam(model):
     return mupp.SAM(model.parameters(), torch.optim.AdamW, lr=1e-2, rho=0.1, rule="DP", model=model)
 
 
-def _hf_worker(rank, world, init_file, out_file, tie):
+def _hf_sharded_run(rank, tie):
+    """The full parameters after STEPS SAM steps of the sharded model on ``rank``'s half."""
     from mupp.distributed import shard_model
 
-    init_gloo(rank, world, init_file)
     model = shard_model(_hf_model(tie))
     opt = _hf_sam(model)
     for step in range(STEPS):
         ids = _hf_batch(step, rank)
         sam_passes(model, opt, lambda ids=ids: model(input_ids=ids, labels=ids).loss)
-    full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-    if rank == 0:
-        torch.save(full, out_file)
-    dist.destroy_process_group()
+    return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+
+
+def _hf_worker(rank, world, init_file, out_file, tie):
+    with gloo_group(rank, world, init_file):
+        full = _hf_sharded_run(rank, tie)  # the sharded model is gone before the group
+        if rank == 0:
+            torch.save(full, out_file)
 
 
 @pytest.mark.slow

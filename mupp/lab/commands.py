@@ -20,7 +20,7 @@ from .. import theory
 from ..choices import MODEL_NAMES
 from ..diagnostics.coordcheck import coord_data, format_tables
 from ..diagnostics.verify import verify
-from ..distributed import world
+from ..distributed import process_group, world
 from ..models import build, count_params
 from ..optim import SAM
 from . import data, demo
@@ -453,25 +453,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict(config)
     if args.resume and args.restart:
         raise ValueError("give either --resume or --restart, not both")
-    if args.restart and args.out:
-        _discard_checkpoint(args.out)
-    elif args.out and not args.resume and _has_checkpoint(Path(args.out)):
-        raise ValueError(
-            f"--out {args.out} holds a run that can resume: pass --resume to continue it, or "
-            "--restart to start it over"
-        )
-    try:
-        result = train(
-            cfg,
-            args.out,
-            resume=args.resume,
-            progress=not args.no_progress,
-            stop_after_epochs=args.stop_after_epochs,
-        )
-    except Preempted as stopped:  # SIGTERM/SIGINT: the step finished, the checkpoint written
-        print(f"{stopped}; `mupp train ... --out {args.out} --resume` continues", flush=True)
-        return PREEMPTED_EXIT + stopped.signum
-    if world()[0] != 0:
+    # under torchrun the group lives for the whole command: --restart's clean-up, the run and
+    # the report all see every rank, and the group is destroyed before the interpreter exits
+    with process_group(cfg.device) as (rank, _):
+        if args.restart and args.out:
+            _discard_checkpoint(args.out)
+        elif args.out and not args.resume and _has_checkpoint(Path(args.out)):
+            raise ValueError(
+                f"--out {args.out} holds a run that can resume: pass --resume to continue it, "
+                "or --restart to start it over"
+            )
+        try:
+            result = train(
+                cfg,
+                args.out,
+                resume=args.resume,
+                progress=not args.no_progress,
+                stop_after_epochs=args.stop_after_epochs,
+            )
+        except Preempted as stopped:  # SIGTERM/SIGINT: the step finished, checkpoint written
+            print(f"{stopped}; `mupp train ... --out {args.out} --resume` continues", flush=True)
+            return PREEMPTED_EXIT + stopped.signum
+    if rank != 0:
         return 0
     print(
         f"best test acc {result['best_test_acc']:.4f} (epoch {result['best_epoch']}), final "

@@ -212,9 +212,9 @@ class _Run:
 
 
 def _prepare(cfg: TrainConfig, num_classes: int, train_size: int) -> _Run:
-    """Initialize the process group (under torchrun), build, shard or wrap the model, the
-    optimizer, the scheduler and the step function."""
-    rank, world_size = distributed.init_from_env(cfg.device)
+    """Build, shard or wrap (under torchrun) the model, the optimizer, the scheduler and the
+    step function."""
+    rank, world_size = distributed.world()
     if cfg.batch_size % world_size:
         raise ValueError(
             f"batch_size ({cfg.batch_size}) must be divisible by the number of workers ({world_size})"
@@ -424,6 +424,23 @@ def train(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {str(out)!r} is a file; expected a directory")
+    # under torchrun the group lives for this call; the model, DDP wrapper and optimizer live
+    # in _train's frame, so they are gone before the group is destroyed
+    with distributed.process_group(cfg.device):
+        return _train(cfg, out, resume, progress, dataset, log, keep_checkpoint, stop_after_epochs)
+
+
+def _train(
+    cfg: TrainConfig,
+    out: Path | None,
+    resume: bool,
+    progress: bool,
+    dataset: data_mod.Dataset | None,
+    log: Callable[[str], None] | None,
+    keep_checkpoint: bool,
+    stop_after_epochs: int | None,
+) -> dict[str, Any]:
+    """The body of :func:`train`, inside the process group."""
     ds = dataset if dataset is not None else load_dataset(cfg)
     train_split, test_split = splits(cfg, ds)
     run = _prepare(cfg, ds.num_classes, len(train_split))
