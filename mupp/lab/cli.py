@@ -100,6 +100,17 @@ def _number_list(cast: type, what: str, example: str) -> Callable[[str], list]:
     return parse
 
 
+def _seconds(text: str) -> float:
+    """An argparse ``type`` for a duration in seconds (>= 0)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, like 60; got {text!r}")
+    return seconds
+
+
 def _add_run_filters(p: argparse.ArgumentParser) -> None:
     """``--seeds``, ``--lrs``, ``--rhos``, ``--widths`` (keep only these runs) and ``--also``
     (add another sweep's runs), shared by ``mupp plot`` and ``mupp transfer``."""
@@ -205,6 +216,14 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="local worker processes, one thread each (default: one per CPU core, the layout "
         "that trained the most study runs per hour: benchmarks/study_run.py)",
+    )
+    s.add_argument(
+        "--storage-retry",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="how long to wait for a database server that went away before failing "
+        "(default: $MUPP_STORAGE_RETRY or 60; 0: fail at once)",
     )
     s.add_argument(
         "--reclaim-running",

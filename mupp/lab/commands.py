@@ -44,7 +44,15 @@ from .checks import (
 from .config import TrainConfig, load_config_file, load_preset
 from .plots import plot_coordcheck, plot_demo, plot_sweep
 from .statistics import format_statistics, run_statistics
-from .sweep import expand_point, grid_points, load_results, run_sweep, storage_url
+from .sweep import (
+    SweepFailed,
+    expand_point,
+    grid_points,
+    load_results,
+    run_sweep,
+    storage_retry_seconds,
+    storage_url,
+)
 from .train import Preempted, train
 
 # ------------------------------------------------------------------------------------ data
@@ -472,7 +480,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 stop_after_epochs=args.stop_after_epochs,
             )
         except Preempted as stopped:  # SIGTERM/SIGINT: the step finished, checkpoint written
-            print(f"{stopped}; `mupp train ... --out {args.out} --resume` continues", flush=True)
+            if rank == 0:  # every rank stopped after the same step
+                print(
+                    f"{stopped}; `mupp train ... --out {args.out} --resume` continues", flush=True
+                )
             return PREEMPTED_EXIT + stopped.signum
     if rank != 0:
         return 0
@@ -547,6 +558,9 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict, list | None]:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``mupp sweep``: queue the grid in the sweep storage and train it; exit 3 while incomplete."""
     base, grid, order = _sweep_spec(args)
+    if args.storage_retry is not None:  # the workers (spawned) read it from the environment
+        os.environ["MUPP_STORAGE_RETRY"] = str(args.storage_retry)
+    storage_retry_seconds()  # a bad $MUPP_STORAGE_RETRY fails here, before any run
     if base.get("dataset", "cifar10") != "synthetic":  # before any worker starts
         data.load(base.get("dataset", "cifar10"), base.get("data_dir"))
     try:
@@ -565,6 +579,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except Preempted as stopped:  # this process's worker checkpointed its run and re-queued it
         print(f"sweep {stopped} of its current run; rerun this command to resume", flush=True)
         return PREEMPTED_EXIT + stopped.signum
+    except SweepFailed as e:  # workers died or the database server stayed away: resumable
+        print(f"mupp: error: {e}", file=sys.stderr)
+        return 1
     total = len(grid_points(grid))
     if len(results) < total:
         print(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -40,11 +41,12 @@ from typing import Any
 import optuna
 import torch
 from filelock import FileLock  # a dependency of torch
-from optuna.storages import JournalStorage
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
 from tqdm import tqdm
 
 from . import vectorized
@@ -59,6 +61,7 @@ GRACE_PERIOD = 8
 POP_GRACE = 60.0
 BEATING = "heartbeat"  # the trial's user attribute set after its first heartbeat
 STUDY_NAME = "mupp-sweep"
+STORAGE_RETRY = 60.0  # seconds a sweep waits for a database server that went away
 
 
 def storage_url(out_dir: str | os.PathLike, storage: str | None = None) -> str:
@@ -98,11 +101,13 @@ def storage_driver_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def make_storage(url: str, read_only: bool = False):
+def make_storage(url: str, read_only: bool = False, reached: bool = False):
     """Optuna storage with heartbeats: ``journal:PATH`` for a journal file, else an RDB URL.
     An unreachable or unreadable database is a ``ValueError`` with one clear line.
     ``read_only`` (queries: ``mupp transfer``, ``plot``) takes no lock file, so that an
-    archived sweep on a read-only mount can be read."""
+    archived sweep on a read-only mount can be read.  A database server's storage waits out
+    outages (``$MUPP_STORAGE_RETRY`` seconds), at its first connection too where ``reached``
+    (this sweep has connected before: its workers)."""
     url = storage_driver_url(url)
     if url.startswith("journal:"):
         return JournalStorage(JournalFileBackend(url[len("journal:") :]))
@@ -112,13 +117,19 @@ def make_storage(url: str, read_only: bool = False):
             # two processes that open a new SQLite file at once would both create its tables;
             # a query opens an existing one and creates nothing
             with contextlib.nullcontext() if read_only else pop_lock(url):
-                return optuna.storages.RDBStorage(
+                if not url.startswith("sqlite"):
+                    return _OutlastingStorage(
+                        url,
+                        storage_retry_seconds(),
+                        reached,
+                        heartbeat_interval=HEARTBEAT_INTERVAL,
+                        grace_period=GRACE_PERIOD,
+                    )
+                return RDBStorage(
                     url,
                     heartbeat_interval=HEARTBEAT_INTERVAL,
                     grace_period=GRACE_PERIOD,
-                    engine_kwargs={"connect_args": {"timeout": 60}}
-                    if url.startswith("sqlite")
-                    else {},
+                    engine_kwargs={"connect_args": {"timeout": 60}},
                 )
         except SQLAlchemyError as e:
             first = str(e).strip().splitlines()[0]
@@ -126,6 +137,122 @@ def make_storage(url: str, read_only: bool = False):
                 f"--storage {_redact(url)}: the database cannot be opened ({first[:200]}); is the "
                 "server reachable and the file a sweep database?"
             ) from None
+
+
+def storage_retry_seconds() -> float:
+    """How long a sweep waits for a database server that went away (``$MUPP_STORAGE_RETRY``,
+    seconds; default :data:`STORAGE_RETRY`, 0 fails at once).  ``mupp sweep --storage-retry``
+    sets it for the sweep and its workers."""
+    text = os.environ.get("MUPP_STORAGE_RETRY", str(STORAGE_RETRY))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also NaN
+        raise ValueError(f"MUPP_STORAGE_RETRY must be a number of seconds >= 0; got {text!r}")
+    return seconds
+
+
+class SweepFailed(RuntimeError):
+    """A sweep that cannot go on now but resumes when rerun (a worker died, the database
+    server stayed away): the CLI prints its one line and exits 1."""
+
+
+class StorageUnreachable(SweepFailed):
+    """The database server stayed unreachable for the whole retry window."""
+
+
+def _is_disconnect(e: BaseException) -> bool:
+    """Whether a storage error is the database connection failing (the server restarting or
+    unreachable), not a bad statement."""
+    cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) else e
+    return isinstance(cause, OperationalError) or (
+        isinstance(cause, DBAPIError) and cause.connection_invalidated
+    )
+
+
+def _outlasting_outages(method):
+    """Wrap a storage method: a call that fails because the connection failed is retried
+    with exponential backoff (0.5 s doubling to 8 s) for up to the storage's ``retry_s``,
+    then ends in :class:`StorageUnreachable`.  A transaction cut off by the outage was rolled
+    back by the server, so its retry runs it once."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        deadline, wait = None, 0.5
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as e:
+                if not _is_disconnect(e):
+                    raise
+                deadline = deadline if deadline is not None else time.monotonic() + self.retry_s
+                if time.monotonic() + wait > deadline:
+                    cause = e.__cause__ or e
+                    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+                    raise StorageUnreachable(
+                        f"--storage {_redact(self.url)}: the database server stayed unreachable "
+                        f"for {self.retry_s:g} s ({first[:160]}); rerun to resume (finished "
+                        "points are kept), or raise --storage-retry"
+                    ) from None
+                time.sleep(wait)
+                wait = min(2 * wait, 8.0)
+
+    return call
+
+
+def _delegated(name: str):
+    """A method that calls the wrapped storage's ``name``, waiting out outages."""
+
+    def call(self, *args, **kwargs):
+        return getattr(self.inner, name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return _outlasting_outages(call)
+
+
+class _OutlastingStorageBase(BaseStorage, BaseHeartbeat):
+    """Holds an :class:`optuna.storages.RDBStorage` for a database server and implements
+    Optuna's storage interface (``BaseStorage`` and its heartbeat) by calling it, each call
+    waiting out an outage of up to ``retry_s`` seconds (a failover, a restarted pod) instead
+    of crashing every worker at its next call (:func:`_outlasting_outages`).  Pooled
+    connections are pinged at checkout.  A server this sweep has not ``reached`` before
+    fails at once: a wrong URL is not transient."""
+
+    def __init__(self, url: str, retry_s: float, reached: bool, **kwargs: Any) -> None:
+        self.url, self.retry_s = url, retry_s
+        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
+        self.inner = self._reopen(kwargs) if reached else RDBStorage(url, **kwargs)
+
+    @_outlasting_outages
+    def _reopen(self, kwargs: dict[str, Any]) -> RDBStorage:
+        """The inner storage of a server this sweep has reached before (a worker that starts
+        during an outage waits for it)."""
+        return RDBStorage(self.url, **kwargs)
+
+    @property
+    def heartbeat_interval(self) -> int | None:
+        return self.inner.heartbeat_interval
+
+    def remove_session(self) -> None:
+        self.inner.remove_session()
+
+
+# the whole interface, generated so that no method is left undelegated (an abstract method
+# left out would make the class impossible to create)
+_OutlastingStorage = type(
+    "_OutlastingStorage",
+    (_OutlastingStorageBase,),
+    {
+        name: _delegated(name)
+        for name in sorted(
+            BaseStorage.__abstractmethods__
+            | BaseHeartbeat.__abstractmethods__
+            | {"get_best_trial", "get_trial_id_from_study_id_trial_number", "get_trial_param"}
+            | {"get_trial_system_attrs", "get_trial_user_attrs", "get_failed_trial_callback"}
+        )
+    },
+)
 
 
 def _redact(url: str) -> str:
@@ -511,7 +638,8 @@ def worker(
     resuming from their checkpoints.  ``None`` (default) vectorizes on CUDA only: on CPU,
     ``benchmarks/sweep_throughput.py`` measured no gain (docs/performance.md).
     """
-    storage = make_storage(url)  # the raw storage: heartbeats go to it directly
+    # the raw storage (heartbeats go to it directly), of a server prepare() has reached
+    storage = make_storage(url, reached=True)
     study = _study(url, None, create=False, storage=storage)
     lock = pop_lock(url)
     base = dict(study.user_attrs["base_config"])
@@ -610,6 +738,9 @@ def _worker_entry(
         worker(url, out_dir, vectorize=vectorize, keep_checkpoints=keep_checkpoints)
     except Preempted as stopped:  # run checkpointed, trial re-queued: exit as the signal would
         sys.exit(128 + stopped.signum)
+    except (SweepFailed, ValueError) as e:  # one line, not a traceback; the parent sums up
+        print(f"mupp sweep worker {os.getpid()}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def _stop_with_parent(poll: float = 1.0) -> None:
@@ -690,8 +821,10 @@ def run_sweep(
             p.join()
         bad = [p.exitcode for p in procs if p.exitcode != 0]
         if bad:
-            raise RuntimeError(
-                f"{len(bad)} sweep worker(s) failed (exit codes {bad}); rerun to resume"
+            raise SweepFailed(
+                f"{len(bad)} sweep worker(s) failed (exit codes {bad}; each printed why above); "
+                "rerun to resume: finished points are kept and the failed workers' points are "
+                "queued again"
             )
     return load_results(url)
 
@@ -726,7 +859,7 @@ def _run_with_progress(
     bar = None
     if progress:
         bar = tqdm(total=total, initial=done, desc="sweep", unit="run")
-    study = _study(url, None, create=False)
+    study = _study(url, None, create=False, storage=make_storage(url, reached=True))
 
     def count() -> int:
         return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
