@@ -206,3 +206,72 @@ def test_mupp_train_under_torchrun(tmp_path):
     assert proc.stdout.count("best test acc") == 1  # rank 0 reports
     result = json.loads((tmp_path / "result.json").read_text())
     assert len(result["history"]) == 2 and result["config"]["perturbation_sync"] == "local"
+
+
+# --------------------------------------------------------------------------------------------
+# preemption under several ranks: a signal on one rank stops every rank after the same step
+# --------------------------------------------------------------------------------------------
+
+PREEMPT_CONFIG = dict(
+    dataset="synthetic", width=32, base_width=16, epochs=2, batch_size=32, train_subset=256,
+    test_subset=64, lr=0.05, rho=0.1, momentum=0.9, schedule="cosine",
+)  # fmt: skip
+
+
+def _preempt_worker(rank, world, init_file, out_dir, parallel, signal_at, resume):
+    """Train on 2 ranks; with ``signal_at = (epoch, step)`` rank 0 alone gets SIGTERM during
+    that step, and the returned record is the Preempted's fields."""
+    import json
+    import signal
+
+    import mupp.lab.train as train_mod
+    from mupp.lab.config import TrainConfig
+
+    real = train_mod.epoch_batches
+
+    def signalling(cfg_, split, name, epoch):
+        for i, batch in enumerate(real(cfg_, split, name, epoch)):
+            if rank == 0 and signal_at == (epoch, i):
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    train_mod.epoch_batches = signalling
+    cfg = TrainConfig.from_dict(dict(PREEMPT_CONFIG, parallel=parallel))
+    with gloo_group(rank, world, init_file):
+        try:
+            run = train_mod.train(cfg, out_dir, resume=resume, progress=False)
+            result = {"history": run["history"]}
+        except train_mod.Preempted as stopped:
+            result = {"stopped": [stopped.epoch, stopped.step, stopped.signum]}
+        finally:
+            train_mod.epoch_batches = real
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(result, f)
+
+
+def _preempt_run(tmp_path, name, parallel, signal_at=None, resume=False):
+    import json
+
+    out = tmp_path / name
+    out.mkdir(exist_ok=True)
+    init = tmp_path / f"{name}-{'resume' if resume else 'start'}.init"
+    args = (2, str(init), str(out), parallel, signal_at, resume)
+    tmp.spawn(_preempt_worker, args=args, nprocs=2)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step_and_resumes_bitwise(
+    tmp_path, parallel
+):
+    """SIGTERM reaches rank 0 alone, inside the 4th step of epoch 2: both ranks finish that
+    step, checkpoint the position (each rank's running sums), and say where they stopped;
+    a resumed run's history equals an uninterrupted one's, bit for bit."""
+    import signal
+
+    full = _preempt_run(tmp_path, "full", parallel)
+    stopped = _preempt_run(tmp_path, "part", parallel, signal_at=(1, 3))
+    assert [r["stopped"] for r in stopped] == [[2, 4, signal.SIGTERM]] * 2
+    resumed = _preempt_run(tmp_path, "part", parallel, resume=True)
+    assert resumed[0]["history"] == full[0]["history"]
+    assert resumed[1]["history"] == full[1]["history"]

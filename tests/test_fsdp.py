@@ -123,7 +123,7 @@ def test_fsdp2_equals_one_process_on_the_concatenated_batch(fsdp_results, case):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
 
 
-def torchrun(nproc, out, *extra):
+def torchrun(nproc, out, *extra, check=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += ["--nproc-per-node", str(nproc), "-m", "mupp", "train", "--dataset", "synthetic"]
     cmd += ["--width", "64", "--base-width", "32", "--epochs", "2", "--momentum", "0.9"]
@@ -131,23 +131,87 @@ def torchrun(nproc, out, *extra):
     cmd += ["--out", str(out), "--no-progress", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    if not check:
+        return proc
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
-def test_mupp_train_fsdp_sharded_checkpoints_resume(tmp_path):
-    full = tmp_path / "full"
-    out = torchrun(2, full)
-    assert out.count("best test acc") == 1  # rank 0 reports
-    part = tmp_path / "part"
-    torchrun(2, part, "--stop-after-epochs", "1")
-    ckpt = part / "checkpoint"
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    """An uninterrupted 2-epoch FSDP2 run's history, and a run stopped after epoch 1 (its
+    sharded checkpoint in ``part/checkpoint``)."""
+    d = tmp_path_factory.mktemp("sharded")
+    torchrun(2, d / "full")
+    torchrun(2, d / "part", "--stop-after-epochs", "1")
+    return json.loads((d / "full" / "result.json").read_text())["history"], d / "part"
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(
+        b ^ 0xFF for b in data[len(data) // 2 :][:64]
+    )
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "flipped": lambda ckpt: _flip(sorted(ckpt.glob("*.distcp"))[0]),
+    "truncated": lambda ckpt: sorted(ckpt.glob("*.distcp"))[1].write_bytes(b"\0" * 10),
+    "deleted": lambda ckpt: sorted(ckpt.glob("*.distcp"))[0].unlink(),
+    "random-metadata": lambda ckpt: (ckpt / ".metadata").write_bytes(os.urandom(512)),
+    "malformed-manifest": lambda ckpt: (ckpt / "mupp.json").write_text("{not json"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_sharded_checkpoint_is_refused_in_one_line(sharded_runs, tmp_path, damage):
+    """Every file of a sharded checkpoint has its digest in the manifest: a changed,
+    truncated or missing shard, a replaced .metadata and a malformed manifest each stop
+    --resume on every rank with the same one line (exit 2), and nothing is trained."""
+    _, part = sharded_runs
+    run = tmp_path / "run"
+    shutil.copytree(part, run)
+    manifest = json.loads((run / "checkpoint" / "mupp.json").read_text())
+    files = sorted(f.name for f in (run / "checkpoint").iterdir() if f.name != "mupp.json")
+    assert sorted(manifest["files"]) == files  # every shard and the .metadata
+    record = (run / "result.json").read_text()
+    DAMAGE[damage](run / "checkpoint")
+    proc = torchrun(2, run, "--resume", check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "mupp: error:" in line]
+    assert (
+        len(errors) == 2
+        and errors[0].split("mupp: error:")[1] == errors[1].split("mupp: error:")[1]
+    )
+    what = "not a mupp checkpoint manifest" if damage == "malformed-manifest" else "is corrupt"
+    assert what in errors[0] and "--restart" in errors[0], errors[0]
+    assert "exitcode: 2" in proc.stderr or "exitcode  : 2" in proc.stderr
+    assert (run / "result.json").read_text() == record  # nothing trained
+
+
+def test_a_crash_between_the_renames_resumes_from_the_last_good_copy(sharded_runs, tmp_path):
+    """Killed after the old checkpoint was moved aside and before the new one took its
+    place: --resume finds checkpoint.old/, puts it back and resumes bit-identically."""
+    want, part = sharded_runs
+    run = tmp_path / "run"
+    shutil.copytree(part, run)
+    os.replace(run / "checkpoint", run / "checkpoint.old")
+    torchrun(2, run, "--resume")
+    assert json.loads((run / "result.json").read_text())["history"] == want
+    assert not (run / "checkpoint.old").exists()
+
+
+def test_mupp_train_fsdp_sharded_checkpoints_resume(sharded_runs, tmp_path):
+    want, stopped = sharded_runs
+    ckpt = stopped / "checkpoint"
     assert (ckpt / ".metadata").is_file() and (ckpt / "mupp.json").is_file()
     assert len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
-    other = tmp_path / "other"
-    shutil.copytree(part, other)
-    torchrun(2, part, "--resume")
-    want = json.loads((full / "result.json").read_text())["history"]
+    part, other = tmp_path / "part", tmp_path / "other"
+    shutil.copytree(stopped, part)
+    shutil.copytree(stopped, other)
+    out = torchrun(2, part, "--resume")
+    assert out.count("best test acc") == 1  # rank 0 reports
     assert json.loads((part / "result.json").read_text())["history"] == want  # bit-identical
     torchrun(1, other, "--resume")  # the 2-rank checkpoint, resharded onto 1 rank
     got = json.loads((other / "result.json").read_text())["history"]

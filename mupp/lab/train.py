@@ -303,13 +303,14 @@ class Preempted(Exception):
 
 
 @contextlib.contextmanager
-def _stop_requests(enabled: bool) -> Iterator[list[int]]:
+def _stop_requests(enabled: bool) -> Iterator[list[int] | None]:
     """While the block runs, SIGTERM and SIGINT are recorded (the list gets the signal's
     number) instead of killing the process, so that the training loop can finish its step
-    and checkpoint.  Only in the main thread (where Python runs signal handlers)."""
+    and checkpoint.  Only in the main thread (where Python runs signal handlers); elsewhere,
+    or not ``enabled``, it yields ``None`` and signals keep their handlers."""
     received: list[int] = []
     if not enabled or threading.current_thread() is not threading.main_thread():
-        yield received
+        yield None
         return
     old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     for sig in old:
@@ -343,8 +344,8 @@ def _train_epoch(
     """One pass over the training split, from step ``sums.step`` on (a resumed epoch skips
     the batches it already took: their order depends only on seed and epoch).  Returns
     ``(mean train loss, train accuracy, None)`` over every worker's examples, or, when a
-    stop was requested (``stop`` non-empty, one process only), the totals so far after the
-    current step."""
+    stop was requested (``stop`` non-empty on any rank: :func:`_agreed_stop`), this rank's
+    totals so far after the current step."""
     cfg = run.cfg
     sums = sums or _EpochSums()
     batches = itertools.islice(epoch_batches(cfg, split, name, epoch), sums.step, None)
@@ -368,7 +369,7 @@ def _train_epoch(
         correct += (logits.argmax(-1) == y).sum().cpu()
         seen += y.numel()
         step += 1
-        if stop and run.world_size == 1 and step < run.steps_per_epoch:
+        if stop is not None and step < run.steps_per_epoch and _agreed_stop(run, stop):
             if progress:
                 batches.close()
             return math.nan, math.nan, _EpochSums(step, loss_sum.item(), int(correct), seen)
@@ -379,6 +380,52 @@ def _train_epoch(
         torch.distributed.all_reduce(stats)
         loss_sum, correct, seen = stats[0], stats[1].long(), int(stats[2].item())
     return (loss_sum / max(seen, 1)).item(), correct.item() / max(seen, 1), None
+
+
+def _agreed_stop(run: _Run, stop: list[int]) -> bool:
+    """Whether to stop after this step.  One process: a signal arrived.  Several: a signal
+    arrived on any rank (torchrun forwards SIGTERM to every worker, but not at the same
+    instant), so the ranks agree by an all-reduce after every step, stop after the same step,
+    and each records the signal (the largest number any rank received)."""
+    if run.world_size == 1:
+        return bool(stop)
+    flag = torch.tensor([stop[0] if stop else 0], device=run.cfg.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item() and not stop:
+        stop.append(int(flag.item()))
+    return bool(flag.item())
+
+
+def _gather_position(run: _Run, sums: _EpochSums) -> dict[str, Any]:
+    """The position a mid-epoch checkpoint stores: the step and this rank's running sums;
+    under several ranks also every rank's sums (``ranks``), so that each resumes its own."""
+    position = dataclasses.asdict(sums)
+    if run.world_size > 1:
+        ranks: list[dict | None] = [None] * run.world_size
+        torch.distributed.all_gather_object(ranks, position)
+        position["ranks"] = ranks
+    return position
+
+
+def _resumed_sums(run: _Run, position: Mapping[str, Any] | None) -> _EpochSums | None:
+    """This rank's running sums at a mid-epoch checkpoint's position.  On another number of
+    ranks than wrote it, rank 0 carries the sum of all (the totals are exact; the order of
+    the additions, and so the last bits of the epoch's train loss, may differ)."""
+    if not position:
+        return None
+    ranks = position.get("ranks") or [position]
+    if len(ranks) == run.world_size:
+        mine = ranks[run.rank]
+    elif run.rank == 0:
+        mine = {
+            "step": position["step"],
+            "loss_sum": sum(r["loss_sum"] for r in ranks),
+            "correct": sum(r["correct"] for r in ranks),
+            "seen": sum(r["seen"] for r in ranks),
+        }
+    else:
+        mine = {"step": position["step"]}
+    return _EpochSums(**{k: v for k, v in mine.items() if k != "ranks"})
 
 
 def _epoch_line(record: Mapping[str, Any], epochs: int) -> str:
@@ -460,7 +507,7 @@ def _train(
         if stop_after_epochs is None
         else min(cfg.epochs, start_epoch + stop_after_epochs)
     )
-    with _stop_requests(ckpt is not None and run.world_size == 1) as stop:
+    with _stop_requests(ckpt is not None) as stop:
         history, elapsed = _epochs(
             run, ckpt, ds, (train_split, test_split, test_inputs, exact_mask), history,
             range(start_epoch, end_epoch), elapsed, position, progress, log, stop,
@@ -480,7 +527,7 @@ def _epochs(run, ckpt, ds, data, history, epochs, elapsed, position, progress, l
     and raises :class:`Preempted`."""
     cfg = run.cfg
     train_split, test_split, test_inputs, exact_mask = data
-    sums = _EpochSums(**position) if position else None
+    sums = _resumed_sums(run, position)
     for epoch in epochs:
         if history and history[-1].get("diverged"):
             break
@@ -493,7 +540,7 @@ def _epochs(run, ckpt, ds, data, history, epochs, elapsed, position, progress, l
             elapsed += time.perf_counter() - t0
             ckpt.save(
                 run.model, run.opt, run.sched, history, epoch - 1, elapsed,
-                dataclasses.asdict(stopped),
+                _gather_position(run, stopped),
             )  # fmt: skip
             raise Preempted(epoch + 1, stopped.step, stop[0])
         test_acc, test_loss, per_example = evaluate(run.model, *test_inputs)
