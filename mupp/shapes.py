@@ -326,8 +326,50 @@ def infer_base_shapes(
             + (" and the delta's" if delta is not None else "")
             + "): build base (or delta) at another width than the model"
         )
+    if delta is None and not from_bsh:
+        _check_width_ratios(records)
     _set_layer_roles(records, params)
     return records
+
+
+def _check_width_ratios(records: Mapping[str, WidthInfo]) -> None:
+    """Catch a base that differs from the model in more than its width, where no ``delta``
+    says which dimensions scale: every dimension that differs counts as a width, so a base
+    with another number of classes (100 against 10) or another input size (784 against 3072)
+    makes that layer hidden.  Dimensions that shrink from base to model beside ones that grow
+    are an error; dimensions that grow at another rate than most are a warning (a model may
+    scale its dimensions at different rates; ``delta`` confirms it and silences this)."""
+    dims: dict[float, list[str]] = {}
+    for name, r in records.items():
+        for i, (s, b, w) in enumerate(zip(r.shape, r.base_shape, r.width_dims)):
+            if w:
+                dims.setdefault(s / b, []).append(f"{name} dim {i}: {s} in the model, {b} in base")
+    if len(dims) < 2:
+        return
+    usual = max(dims, key=lambda m: len(dims[m]))
+    odd = [where for m, found in sorted(dims.items()) if m != usual for where in found]
+    hint = (
+        "build base with the model's input and output sizes (only the width differs), or pass "
+        "delta= (a model at a third width) so that mupp sees which dimensions scale"
+    )
+    if min(dims) < 1 < max(dims):
+        raise ValueError(
+            f"set_base_shapes: base is wider than the model in some dimensions and narrower in "
+            f"others ({'; '.join(odd[:3])}; most width dimensions are x{usual:g}): a dimension "
+            f"that is not a width, such as the number of classes or the input size, differs. "
+            + hint[0].upper()
+            + hint[1:]
+        )
+    warnings.warn(
+        f"mupp.set_base_shapes: most width dimensions are x{usual:g} the base's, but "
+        f"{'; '.join(odd[:3])}"
+        + (f" (and {len(odd) - 3} more)" if len(odd) > 3 else "")
+        + ". If one is an input or output size, it is not a width and its layer's role is "
+        f"wrong: {hint}. If the model scales these dimensions at other rates, pass delta= to "
+        "confirm it.",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def _width_dims(

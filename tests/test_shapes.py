@@ -119,6 +119,43 @@ def test_mismatched_base_is_rejected():
         mupp.set_base_shapes(mlp(8), 3)
 
 
+def _classifier(width: int, inputs: int = 3072, classes: int = 10) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(inputs, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+        nn.Linear(width, classes),
+    )  # fmt: skip
+
+
+def test_base_with_other_classes_is_refused_and_leaves_the_model_as_it_was():
+    model = _classifier(256)
+    with pytest.raises(ValueError) as err:
+        mupp.set_base_shapes(model, _classifier(64, classes=100))
+    message = str(err.value)
+    assert "wider than the model in some dimensions and narrower in others" in message
+    assert "4.weight dim 0: 10 in the model, 100 in base" in message
+    assert "most width dimensions are x4" in message and "delta=" in message
+    assert get_info(model[0].weight) is None  # nothing half-applied
+
+
+def test_base_with_another_input_size_warns_and_names_the_dimension():
+    with pytest.warns(UserWarning, match="most width dimensions are x4 the base's") as record:
+        mupp.set_base_shapes(_classifier(256), _classifier(64, inputs=784))
+    message = str(record[0].message)
+    assert "0.weight dim 1: 3072 in the model, 784 in base" in message
+    assert "build base with the model's input and output sizes" in message
+
+
+def test_uniform_width_and_a_confirming_delta_pass_without_a_warning(recwarn):
+    mupp.set_base_shapes(_classifier(256), _classifier(64))
+    # a model that scales its input dimension too, confirmed by a delta: no warning
+    mupp.set_base_shapes(
+        _classifier(256, inputs=300),
+        _classifier(64, inputs=100),
+        delta=_classifier(128, inputs=200),
+    )
+    assert not [w for w in recwarn if "width dimensions" in str(w.message)]
+
+
 def _info_tuple(model):
     return [(r["name"], r["role"], r["fan_in"], r["width_mult"]) for r in mupp.describe(model)]
 
