@@ -20,6 +20,23 @@ from .shapes import (
 
 __version__ = "0.1.0"
 
+# subpackages reachable as attributes after `import mupp`, imported on first use (PEP 562) so
+# that `import mupp` stays light
+_LAZY_SUBPACKAGES = ("models", "diagnostics", "distributed", "integrations")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBPACKAGES))
+
+
 __all__ = [
     "SAM",
     "MuSGD",

@@ -1,7 +1,5 @@
-"""Moved to :mod:`mupp.lab.data` (the experiment layer); this path keeps old imports working."""
+"""Moved to :mod:`mupp.lab.data`; this path warns and is removed in mupp 0.3.0."""
 
-import sys
+from ._moved import alias
 
-from .lab import data as _module
-
-sys.modules[__name__] = _module
+alias(__name__, "mupp.lab.data")

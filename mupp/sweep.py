@@ -1,7 +1,5 @@
-"""Moved to :mod:`mupp.lab.sweep` (the experiment layer); this path keeps old imports working."""
+"""Moved to :mod:`mupp.lab.sweep`; this path warns and is removed in mupp 0.3.0."""
 
-import sys
+from ._moved import alias
 
-from .lab import sweep as _module
-
-sys.modules[__name__] = _module
+alias(__name__, "mupp.lab.sweep")

@@ -97,6 +97,33 @@ def test_old_module_paths_are_the_moved_modules(name):
     assert getattr(mupp, name) is old  # `import mupp.train; mupp.train.train(...)` works
 
 
+@pytest.mark.parametrize("name", MOVED)
+def test_an_old_module_path_warns_naming_the_new_one_and_the_release_that_removes_it(name):
+    probe = f"import mupp.{name}"
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", probe],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert (
+        f"DeprecationWarning: mupp.{name} has moved to mupp.lab.{name}; import it from there "
+        "(the old path is removed in mupp 0.3.0)"
+    ) in proc.stderr
+
+
+def test_subpackages_are_attributes_of_mupp_loaded_on_first_use():
+    probe = (
+        "import sys, mupp; before = 'mupp.models' in sys.modules; "
+        "print(before, mupp.models.build.__module__, mupp.diagnostics.verify.__module__, "
+        "'models' in dir(mupp))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "mupp.models", "mupp.diagnostics.verify", "True"]
+    with pytest.raises(AttributeError, match="module 'mupp' has no attribute 'nosuch'"):
+        mupp.nosuch  # noqa: B018
+
+
 def test_old_import_forms_keep_working():
     from mupp.cli import main
     from mupp.sweep import canonical_config, run_sweep

@@ -276,7 +276,7 @@ def test_a_finished_equivalent_run_is_reused_not_retrained(tmp_path, monkeypatch
     record = {"config": stored, "best_test_acc": 0.5, "diverged": False}
     trial = SimpleNamespace(user_attrs={"result": record})
     study = SimpleNamespace(get_trials=lambda deepcopy, states: [trial])
-    monkeypatch.setattr("mupp.train.train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(sweep, "train", lambda *a, **k: pytest.fail("trained again"))
     got = sweep._train_shared(
         {**base, "parameterization": "mup-global"}, tmp_path, False, study=study
     )
