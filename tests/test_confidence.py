@@ -7,7 +7,7 @@ import pytest
 
 from mupp.lab import confidence
 from mupp.lab.analysis import aggregate, format_transfer, rows_from_records, transfer_summary
-from mupp.lab.sweep import canonical_config, expand_point, format_pass_plan, grid_points, run_key
+from mupp.lab.grid import canonical_config, expand_point, format_pass_plan, grid_points, run_key
 
 T2 = 4.302652729911275  # t_{0.975, 2}
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mupp.lab import sweep
+from mupp.lab.storage import make_storage
 
 BINARIES = [shutil.which(b) for b in ("initdb", "pg_ctl")]
 
@@ -139,7 +140,7 @@ def _sweep_command(url: str, out: Path, workers: int, epochs: int) -> list[str]:
 def _study(url: str):
     import optuna
 
-    return optuna.load_study(study_name=sweep.STUDY_NAME, storage=sweep.make_storage(url))
+    return optuna.load_study(study_name=sweep.STUDY_NAME, storage=make_storage(url))
 
 
 def _wait_for_a_running_trial(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:

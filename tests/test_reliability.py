@@ -234,14 +234,15 @@ def test_optimizer_state_of_another_width_is_refused():
 
 def test_an_incomplete_rerun_says_so_and_exits_nonzero(tmp_path, capsys):
     from mupp.lab import sweep
+    from mupp.lab.storage import pop_lock, storage_url
 
     grid = {"lr": [0.05, 0.1], "rho": [0.0], "width": [32]}
     base = dict(dataset="synthetic", base_width=32, epochs=1)
-    url = sweep.storage_url(tmp_path)
+    url = storage_url(tmp_path)
     (tmp_path).mkdir(exist_ok=True)
     sweep.prepare(url, grid, base)
     study = sweep._study(url, None, create=False)
-    with sweep.pop_lock(url):
+    with pop_lock(url):
         trial = study.ask()  # a point "running elsewhere"
     argv = ["sweep", "--grid", "lr=0.05,0.1", "--grid", "rho=0.0", "--grid", "width=32"]
     argv += ["--set", 'dataset="synthetic"', "--set", "base_width=32", "--set", "epochs=1"]

@@ -12,7 +12,9 @@ import pytest
 from mupp.lab import sweep
 from mupp.lab.analysis import rows_from_records, transfer_summary
 from mupp.lab.cli import main
+from mupp.lab.grid import grid_points, point_key
 from mupp.lab.plots import plot_sweep
+from mupp.lab.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, make_storage, pop_lock, storage_url
 
 BASE = dict(dataset="synthetic", base_width=32, epochs=1, batch_size=64, model="mlp")
 
@@ -31,7 +33,7 @@ def test_two_workers_finish_a_grid_exactly_once(tmp_path):
     points = [r["point"] for r in results]
     assert len(set(points)) == 8
     assert {tuple(sorted(r["params"].items())) for r in results} == {
-        tuple(sorted(p.items())) for p in sweep.grid_points(grid)
+        tuple(sorted(p.items())) for p in grid_points(grid)
     }
     # running again finds nothing to do and duplicates nothing
     again = sweep.run_sweep(grid, BASE, tmp_path, workers=2, progress=False)
@@ -47,7 +49,7 @@ def _slow_worker(url, out_dir):
 def test_sigkill_mid_trial_then_resume_loses_and_duplicates_nothing(tmp_path):
     grid = {"lr": [0.05, 0.1], "width": [256], "rho": [0.1]}
     base = dict(BASE, epochs=40)
-    url = sweep.storage_url(tmp_path)
+    url = storage_url(tmp_path)
     sweep.prepare(url, grid, base)
     proc = mp.get_context("spawn").Process(target=_slow_worker, args=(url, str(tmp_path)))
     proc.start()
@@ -64,7 +66,7 @@ def test_sigkill_mid_trial_then_resume_loses_and_duplicates_nothing(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.join()
     assert study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    time.sleep(sweep.GRACE_PERIOD + 2)  # heartbeat goes stale
+    time.sleep(GRACE_PERIOD + 2)  # heartbeat goes stale
     counts = sweep.prepare(url, grid, base)
     assert counts["running"] == 0 and counts["enqueued"] >= 1
     # finish with short runs: same grid points, fewer epochs is a different config -> refuse
@@ -182,7 +184,7 @@ def test_sweep_plot_transfer_cli(tmp_path, capsys):
     assert "no finished runs with these seeds" in capsys.readouterr().err
     assert main(["transfer", "--out", out, "--lrs", "0.1", "--json", str(tmp_path / "l.json")]) == 0
     # a storage read from elsewhere draws into a folder that does not exist yet
-    url = sweep.storage_url(out)
+    url = storage_url(out)
     figs, js = tmp_path / "new" / "figs", tmp_path / "new2" / "t.json"
     assert main(["plot", "--storage", url, "--out", str(figs)]) == 0
     assert (figs / "sweep_heatmaps.png").exists()
@@ -230,7 +232,7 @@ def test_vectorized_sweep_matches_one_by_one(tmp_path):
     base = dict(BASE, epochs=2, momentum=0.5)
     vec = sweep.run_sweep(grid, base, tmp_path / "vec", progress=False, vectorize=True)
     seq = sweep.run_sweep(grid, base, tmp_path / "seq", progress=False)  # CPU: one by one
-    url = sweep.storage_url(tmp_path / "vec")
+    url = storage_url(tmp_path / "vec")
     trials, _ = completed(url)
     assert all(t.user_attrs["vectorized"] for t in trials)  # two groups of four
     by_point = {r["point"]: r["result"] for r in seq}
@@ -247,10 +249,10 @@ def test_vectorized_sweep_matches_one_by_one(tmp_path):
 def _pop_all(url, out_path, use_lock):
     import contextlib
 
-    storage = sweep.make_storage(url)
+    storage = make_storage(url)
     study = sweep._study(url, None, create=False, storage=storage)
     grid = study.user_attrs["grid"]
-    lock = sweep.pop_lock(url) if use_lock else contextlib.nullcontext()
+    lock = pop_lock(url) if use_lock else contextlib.nullcontext()
     got = []
     while (popped := sweep._pop(study, storage, grid, lock)) is not None:
         got.append(popped[0].number)
@@ -258,7 +260,7 @@ def _pop_all(url, out_path, use_lock):
 
 
 def _race_pops(tmp_path, use_lock, procs=4, points=48):
-    url = sweep.storage_url(tmp_path)
+    url = storage_url(tmp_path)
     sweep.prepare(url, {"lr": [0.01 * (i + 1) for i in range(points)]}, BASE)
     ctx = mp.get_context("spawn")
     outs = [tmp_path / f"popped{i}.json" for i in range(procs)]
@@ -281,11 +283,11 @@ def test_concurrent_pops_on_sqlite_never_hand_out_a_trial_twice(tmp_path):
 def test_a_result_for_a_trial_failed_elsewhere_warns_and_is_not_counted(tmp_path):
     from optuna.trial import TrialState
 
-    url = sweep.storage_url(tmp_path)
+    url = storage_url(tmp_path)
     sweep.prepare(url, {"lr": [0.05]}, BASE)
-    storage = sweep.make_storage(url)
+    storage = make_storage(url)
     study = sweep._study(url, None, create=False, storage=storage)
-    trial, params = sweep._pop(study, storage, study.user_attrs["grid"], sweep.pop_lock(url))
+    trial, params = sweep._pop(study, storage, study.user_attrs["grid"], pop_lock(url))
     assert params == {"lr": 0.05}
     storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)  # reclaimed as stale
     result = {"best_test_acc": 0.5, "diverged": False}
@@ -299,12 +301,12 @@ def test_a_point_queued_again_keeps_its_place_in_grid_order(tmp_path):
     # come after it in the grid, not after the whole remaining queue
     from optuna.trial import TrialState
 
-    url = sweep.storage_url(tmp_path)
+    url = storage_url(tmp_path)
     grid = {"lr": [0.05, 0.1, 0.2]}
     sweep.prepare(url, grid, BASE)
-    storage = sweep.make_storage(url)
+    storage = make_storage(url)
     study = sweep._study(url, None, create=False, storage=storage)
-    lock = sweep.pop_lock(url)
+    lock = pop_lock(url)
     trial, params = sweep._pop(study, storage, grid, lock)
     assert params == {"lr": 0.05}
     storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)  # the worker died
@@ -318,13 +320,13 @@ def test_a_point_queued_again_keeps_its_place_in_grid_order(tmp_path):
 
 def test_a_new_queue_order_takes_effect_on_resume(tmp_path):
     grid = {"lr": [0.05, 0.1], "seed": [0, 1]}
-    url = sweep.storage_url(tmp_path)
+    url = storage_url(tmp_path)
     sweep.prepare(url, grid, BASE, order=["lr", "seed"])
     counts = sweep.prepare(url, grid, BASE, order=["seed", "lr"])
     assert (counts["enqueued"], counts["waiting"]) == (0, 4)
-    storage = sweep.make_storage(url)
+    storage = make_storage(url)
     study = sweep._study(url, None, create=False, storage=storage)
-    lock = sweep.pop_lock(url)
+    lock = pop_lock(url)
     order = []
     while (popped := sweep._pop(study, storage, grid, lock)) is not None:
         order.append((popped[1]["seed"], popped[1]["lr"]))
@@ -342,11 +344,11 @@ def test_every_shipped_preset_validates_and_orders_its_whole_grid(name):
 
     args = argparse.Namespace(preset=name, config=None, data_dir=None, set=None, grid=None)
     base, grid, order = _sweep_spec(args)
-    points = sweep.grid_points(grid, order)
+    points = grid_points(grid, order)
     n = 1
     for values in grid.values():
         n *= len(values)
-    assert len(points) == n and len({sweep.point_key(p) for p in points}) == n
+    assert len(points) == n and len({point_key(p) for p in points}) == n
     declared = load_preset(name).get("sweep", {}).get("order")
     if declared is not None:  # the declared order names every axis, slowest first
         assert sorted(declared) == sorted(grid)
@@ -371,11 +373,11 @@ def test_a_trial_popped_without_a_heartbeat_is_reclaimed(tmp_path, monkeypatch):
     from optuna.trial import TrialState
 
     grid = {"lr": [0.05, 0.1], "width": [256], "rho": [0.1]}
-    url = sweep.storage_url(tmp_path)
+    url = storage_url(tmp_path)
     sweep.prepare(url, grid, BASE)
     study = sweep._study(url, None, create=False)
     stranded = study.ask()  # popped, as a worker does, and never beaten: the kill window
-    popped = sweep._pop(study, sweep.make_storage(url), grid, sweep.pop_lock(url))
+    popped = sweep._pop(study, make_storage(url), grid, pop_lock(url))
     assert popped is not None and popped[0].user_attrs[sweep.BEATING]  # a live worker's
     counts = sweep.prepare(url, grid, BASE)  # too young to judge: still running
     assert counts["running"] == 2
@@ -422,7 +424,7 @@ def test_workers_stop_when_the_parent_alone_is_terminated(tmp_path):
 
     parent = mp.get_context("spawn").Process(target=_sweep_parent, args=(str(tmp_path),))
     parent.start()
-    url = sweep.storage_url(tmp_path)
+    url = storage_url(tmp_path)
     deadline = time.time() + 120
     workers, running = [], []
     while time.time() < deadline and (len(workers) < 2 or len(running) < 2):
@@ -438,7 +440,7 @@ def test_workers_stop_when_the_parent_alone_is_terminated(tmp_path):
     while time.time() < deadline and any(_alive(w) for w in workers):
         time.sleep(0.2)
     assert not any(_alive(w) for w in workers)
-    time.sleep(sweep.GRACE_PERIOD + sweep.HEARTBEAT_INTERVAL + 1)  # their heartbeats go stale
+    time.sleep(GRACE_PERIOD + HEARTBEAT_INTERVAL + 1)  # their heartbeats go stale
     grid = {"lr": [0.05, 0.1, 0.2, 0.4], "width": [256], "rho": [0.1]}
     counts = sweep.prepare(url, grid, dict(BASE, epochs=60))
     assert counts["running"] == 0 and counts["done"] + counts["waiting"] == 4
@@ -452,8 +454,8 @@ def test_queries_read_an_archived_sweep_without_the_lock_file(tmp_path, monkeypa
     def read_only_mount(*args, **kwargs):
         raise OSError(30, "Read-only file system", str(tmp_path / "sweep.db.pop.lock"))
 
-    monkeypatch.setattr(sweep, "FileLock", read_only_mount)
-    assert len(sweep.load_results(sweep.storage_url(tmp_path))) == 2
+    monkeypatch.setattr("mupp.lab.storage.FileLock", read_only_mount)
+    assert len(sweep.load_results(storage_url(tmp_path))) == 2
     assert main(["transfer", "--out", str(tmp_path)]) == 0
 
 

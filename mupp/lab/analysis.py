@@ -11,7 +11,7 @@ from typing import Any
 
 from ..choices import METRICS, Metric, check_choice
 from . import confidence
-from .sweep import expand_point, format_pass_plan
+from .grid import expand_point, format_pass_plan
 
 # the record field each metric reads and its sign: every analysis maximizes ``acc``
 _METRIC_FIELD = {"acc": ("best_test_acc", 1.0), "loss": ("best_test_loss", -1.0)}

@@ -42,17 +42,11 @@ from .checks import (
     token_batches,
 )
 from .config import TrainConfig, load_config_file, load_preset
+from .grid import expand_point, grid_points
 from .plots import plot_coordcheck, plot_demo, plot_sweep
 from .statistics import format_statistics, run_statistics
-from .sweep import (
-    SweepFailed,
-    expand_point,
-    grid_points,
-    load_results,
-    run_sweep,
-    storage_retry_seconds,
-    storage_url,
-)
+from .storage import StorageUnreachable, storage_retry_seconds, storage_url
+from .sweep import SweepFailed, load_results, run_sweep
 from .train import Preempted, train
 
 # ------------------------------------------------------------------------------------ data
@@ -579,7 +573,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except Preempted as stopped:  # this process's worker checkpointed its run and re-queued it
         print(f"sweep {stopped} of its current run; rerun this command to resume", flush=True)
         return PREEMPTED_EXIT + stopped.signum
-    except SweepFailed as e:  # workers died or the database server stayed away: resumable
+    except (SweepFailed, StorageUnreachable) as e:  # workers died, the server stayed away
         print(f"mupp: error: {e}", file=sys.stderr)
         return 1
     total = len(grid_points(grid))

@@ -21,387 +21,56 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
-import hashlib
-import importlib.util
-import itertools
 import json
 import multiprocessing as mp
 import os
-import re
 import signal
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
-from filelock import FileLock  # a dependency of torch
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
 from tqdm import tqdm
 
 from . import vectorized
 from .checkpoint import RECORD_FILE
 from .config import TrainConfig, differing_keys, with_defaults
+from .grid import (
+    canonical_config,
+    expand_point,
+    grid_points,
+    point_key,
+    run_key,
+)
+from .storage import (
+    GRACE_PERIOD,
+    HEARTBEAT_INTERVAL,
+    StorageUnreachable,
+    damaged_storage,
+    heartbeats,
+    make_storage,
+    pop_lock,
+    redact_url,
+    storage_url,
+)
 from .train import Preempted, train
 
-HEARTBEAT_INTERVAL = 2
-GRACE_PERIOD = 8
 # a RUNNING trial that never got its first heartbeat (its worker died between study.ask() and
 # it) is stale once it is this old: Optuna only judges trials that have a heartbeat
 POP_GRACE = 60.0
 BEATING = "heartbeat"  # the trial's user attribute set after its first heartbeat
 STUDY_NAME = "mupp-sweep"
-STORAGE_RETRY = 60.0  # seconds a sweep waits for a database server that went away
-
-
-def storage_url(out_dir: str | os.PathLike, storage: str | None = None) -> str:
-    """Default: an SQLite file in the output directory."""
-    if storage:
-        return storage
-    return f"sqlite:///{Path(out_dir).resolve() / 'sweep.db'}"
-
-
-def storage_driver_url(url: str) -> str:
-    """``url`` with a driver SQLAlchemy can load: a plain ``postgresql://`` means psycopg 3 to
-    SQLAlchemy 2, so it is mapped to psycopg2 where only that one is installed.  Bad URLs get a
-    ``ValueError`` naming ``--storage`` and the accepted forms."""
-    if url.startswith("journal:"):
-        if not url[len("journal:") :]:
-            raise ValueError("--storage journal:PATH needs a file path")
-        return url
-    forms = "sqlite:///PATH, postgresql://USER@HOST/DB, mysql://USER@HOST/DB or journal:PATH"
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise ValueError(f"--storage must be a database URL ({forms}); got {url!r}") from None
-    if parsed.drivername == "postgresql":
-        if importlib.util.find_spec("psycopg") is None:
-            if importlib.util.find_spec("psycopg2") is None:
-                raise ValueError(
-                    "--storage postgresql:// needs a PostgreSQL driver: pip install 'mupp[postgres]'"
-                )
-            parsed = parsed.set(drivername="postgresql+psycopg2")
-    try:
-        parsed.get_dialect()
-    except Exception:  # NoSuchModuleError or the driver's ImportError
-        raise ValueError(
-            f"--storage: no database driver for {parsed.drivername!r} is installed or known "
-            f"({forms})"
-        ) from None
-    return parsed.render_as_string(hide_password=False)
-
-
-def make_storage(url: str, read_only: bool = False, reached: bool = False):
-    """Optuna storage with heartbeats: ``journal:PATH`` for a journal file, else an RDB URL.
-    An unreachable or unreadable database is a ``ValueError`` with one clear line.
-    ``read_only`` (queries: ``mupp transfer``, ``plot``) takes no lock file, so that an
-    archived sweep on a read-only mount can be read.  A database server's storage waits out
-    outages (``$MUPP_STORAGE_RETRY`` seconds), at its first connection too where ``reached``
-    (this sweep has connected before: its workers)."""
-    url = storage_driver_url(url)
-    if url.startswith("journal:"):
-        return JournalStorage(JournalFileBackend(url[len("journal:") :]))
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            # two processes that open a new SQLite file at once would both create its tables;
-            # a query opens an existing one and creates nothing
-            with contextlib.nullcontext() if read_only else pop_lock(url):
-                if not url.startswith("sqlite"):
-                    return _OutlastingStorage(
-                        url,
-                        storage_retry_seconds(),
-                        reached,
-                        heartbeat_interval=HEARTBEAT_INTERVAL,
-                        grace_period=GRACE_PERIOD,
-                    )
-                return RDBStorage(
-                    url,
-                    heartbeat_interval=HEARTBEAT_INTERVAL,
-                    grace_period=GRACE_PERIOD,
-                    engine_kwargs={"connect_args": {"timeout": 60}},
-                )
-        except SQLAlchemyError as e:
-            first = str(e).strip().splitlines()[0]
-            raise ValueError(
-                f"--storage {_redact(url)}: the database cannot be opened ({first[:200]}); is the "
-                "server reachable and the file a sweep database?"
-            ) from None
-
-
-def storage_retry_seconds() -> float:
-    """How long a sweep waits for a database server that went away (``$MUPP_STORAGE_RETRY``,
-    seconds; default :data:`STORAGE_RETRY`, 0 fails at once).  ``mupp sweep --storage-retry``
-    sets it for the sweep and its workers."""
-    text = os.environ.get("MUPP_STORAGE_RETRY", str(STORAGE_RETRY))
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:  # also NaN
-        raise ValueError(f"MUPP_STORAGE_RETRY must be a number of seconds >= 0; got {text!r}")
-    return seconds
 
 
 class SweepFailed(RuntimeError):
-    """A sweep that cannot go on now but resumes when rerun (a worker died, the database
-    server stayed away): the CLI prints its one line and exits 1."""
-
-
-class StorageUnreachable(SweepFailed):
-    """The database server stayed unreachable for the whole retry window."""
-
-
-def _is_disconnect(e: BaseException) -> bool:
-    """Whether a storage error is the database connection failing (the server restarting or
-    unreachable), not a bad statement."""
-    cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) else e
-    return isinstance(cause, OperationalError) or (
-        isinstance(cause, DBAPIError) and cause.connection_invalidated
-    )
-
-
-def _outlasting_outages(method):
-    """Wrap a storage method: a call that fails because the connection failed is retried
-    with exponential backoff (0.5 s doubling to 8 s) for up to the storage's ``retry_s``,
-    then ends in :class:`StorageUnreachable`.  A transaction cut off by the outage was rolled
-    back by the server, so its retry runs it once."""
-
-    @functools.wraps(method)
-    def call(self, *args, **kwargs):
-        deadline, wait = None, 0.5
-        while True:
-            try:
-                return method(self, *args, **kwargs)
-            except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as e:
-                if not _is_disconnect(e):
-                    raise
-                deadline = deadline if deadline is not None else time.monotonic() + self.retry_s
-                if time.monotonic() + wait > deadline:
-                    cause = e.__cause__ or e
-                    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-                    raise StorageUnreachable(
-                        f"--storage {_redact(self.url)}: the database server stayed unreachable "
-                        f"for {self.retry_s:g} s ({first[:160]}); rerun to resume (finished "
-                        "points are kept), or raise --storage-retry"
-                    ) from None
-                time.sleep(wait)
-                wait = min(2 * wait, 8.0)
-
-    return call
-
-
-def _delegated(name: str):
-    """A method that calls the wrapped storage's ``name``, waiting out outages."""
-
-    def call(self, *args, **kwargs):
-        return getattr(self.inner, name)(*args, **kwargs)
-
-    call.__name__ = call.__qualname__ = name
-    return _outlasting_outages(call)
-
-
-class _OutlastingStorageBase(BaseStorage, BaseHeartbeat):
-    """Holds an :class:`optuna.storages.RDBStorage` for a database server and implements
-    Optuna's storage interface (``BaseStorage`` and its heartbeat) by calling it, each call
-    waiting out an outage of up to ``retry_s`` seconds (a failover, a restarted pod) instead
-    of crashing every worker at its next call (:func:`_outlasting_outages`).  Pooled
-    connections are pinged at checkout.  A server this sweep has not ``reached`` before
-    fails at once: a wrong URL is not transient."""
-
-    def __init__(self, url: str, retry_s: float, reached: bool, **kwargs: Any) -> None:
-        self.url, self.retry_s = url, retry_s
-        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
-        self.inner = self._reopen(kwargs) if reached else RDBStorage(url, **kwargs)
-
-    @_outlasting_outages
-    def _reopen(self, kwargs: dict[str, Any]) -> RDBStorage:
-        """The inner storage of a server this sweep has reached before (a worker that starts
-        during an outage waits for it)."""
-        return RDBStorage(self.url, **kwargs)
-
-    @property
-    def heartbeat_interval(self) -> int | None:
-        return self.inner.heartbeat_interval
-
-    def remove_session(self) -> None:
-        self.inner.remove_session()
-
-
-# the whole interface, generated so that no method is left undelegated (an abstract method
-# left out would make the class impossible to create)
-_OutlastingStorage = type(
-    "_OutlastingStorage",
-    (_OutlastingStorageBase,),
-    {
-        name: _delegated(name)
-        for name in sorted(
-            BaseStorage.__abstractmethods__
-            | BaseHeartbeat.__abstractmethods__
-            | {"get_best_trial", "get_trial_id_from_study_id_trial_number", "get_trial_param"}
-            | {"get_trial_system_attrs", "get_trial_user_attrs", "get_failed_trial_callback"}
-        )
-    },
-)
-
-
-def _redact(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url
-
-
-def pop_lock(url: str):
-    """A cross-process lock that makes popping an enqueued trial atomic where the storage is not.
-
-    SQLite (one machine by construction) gets a :class:`filelock.FileLock` on ``<db>.pop.lock``;
-    every other storage is atomic by itself and gets a no-op context.
-    """
-    if url.startswith("sqlite"):
-        database = make_url(url).database
-        if database and database != ":memory:":
-            return FileLock(f"{database}.pop.lock", timeout=120)
-    return contextlib.nullcontext()
-
-
-def grid_points(
-    grid: Mapping[str, Sequence[Any]], order: Sequence[str] | None = None
-) -> list[dict[str, Any]]:
-    """All combinations, in a stable order: the queue order of a sweep.
-
-    ``order`` names the axes from slowest- to fastest-varying (each value list in its given
-    order), so that a long study finishes its most informative points first.  By default
-    ``lr`` and ``rho`` vary fastest, so that consecutive queued points can train as one
-    vectorized group.
-    """
-    for k, v in grid.items():
-        if not isinstance(v, (list, tuple)) or not v:
-            raise ValueError(f"grid[{k!r}] must be a non-empty list; got {v!r}")
-    if order is None:
-        keys = [k for k in grid if k not in ("lr", "rho")] + [k for k in ("lr", "rho") if k in grid]
-    else:
-        keys = list(order)
-        if sorted(keys) != sorted(grid):
-            raise ValueError(
-                f"order must name every grid axis once; got {keys}, grid axes {sorted(grid)}"
-            )
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
-
-
-_PASS_OPTIONS = ("ascent", "every", "reuse")  # the TrainConfig fields a pass plan sets
-
-
-def parse_pass_plan(text: str) -> dict[str, Any]:
-    """The training options of a pass plan, the 4th part of a grid setting: ``"two-pass"``
-    (SAM's two passes every step: no option), ``"momentum"`` (Momentum-SAM), ``"looksamK"``
-    (a full step every K steps, LookSAM between) or ``"everyK"`` (a full step every K steps,
-    base steps between).  Inverse of :func:`format_pass_plan`."""
-    match = re.fullmatch(r"(looksam|every)([1-9][0-9]*)", text)
-    if text == "two-pass":
-        return {}
-    if text == "momentum":
-        return {"ascent": "momentum"}
-    if match is None:
-        raise ValueError(
-            f"a setting's pass plan must be 'two-pass', 'momentum', 'looksamK' or 'everyK' "
-            f"(K a positive integer); got {text!r}"
-        )
-    plan: dict[str, Any] = {"every": int(match.group(2))}
-    if match.group(1) == "looksam":
-        plan["reuse"] = "looksam"
-    return plan
-
-
-def format_pass_plan(config: Mapping[str, Any]) -> str:
-    """The pass plan of a configuration (:func:`parse_pass_plan`'s names)."""
-    if config.get("ascent", "gradient") == "momentum":
-        return "momentum"
-    every = config.get("every", 1)
-    if every == 1:
-        return "two-pass"
-    return f"{'looksam' if config.get('reuse') == 'looksam' else 'every'}{every}"
-
-
-def expand_point(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Training options of a grid point: a ``setting`` axis (``"mup-global/last-layer"``,
-    ``"mupp/sam/DP"``, ``"mupp/sam/LP/looksam5"``: the names of
-    :func:`mupp.lab.analysis.rows_from_records`) sets ``parameterization``, ``variant`` and
-    optionally ``rule`` and a pass plan (:func:`parse_pass_plan`) together, so that a grid
-    can compare settings that are not a Cartesian product."""
-    out = dict(params)
-    setting = out.pop("setting", None)
-    if setting is not None:
-        parts = setting.split("/") if isinstance(setting, str) else []
-        if not 1 <= len(parts) <= 4 or not all(parts):
-            raise ValueError(
-                "grid setting must be 'PARAMETERIZATION', 'PARAMETERIZATION/VARIANT', "
-                "'PARAMETERIZATION/VARIANT/RULE' or 'PARAMETERIZATION/VARIANT/RULE/PASSES'; "
-                f"got {setting!r}"
-            )
-        out["parameterization"] = parts[0]
-        out["variant"] = parts[1] if len(parts) > 1 else "sam"
-        if len(parts) >= 3:
-            out["rule"] = parts[2]
-        if len(parts) == 4:
-            out.update(parse_pass_plan(parts[3]))
-    return out
-
-
-def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The configuration a grid point trains, with equivalent points made equal.
-
-    Without perturbation (``rho = 0``) the variant and rule play no part and every μP
-    parameterization trains the same μP SGD run; at the base width every parameterization
-    reduces to standard SAM (paper Sec. 5), and the DP rule to LP (every factor of
-    Remark F.4 is 1 there).  Points that coincide share one run.
-    """
-    cfg = dict(config)
-    if cfg.get("rho") == 0:
-        cfg["variant"], cfg["rule"] = "sam", "LP"
-        for key in (*_PASS_OPTIONS, "reuse_scale"):  # no perturbation: no pass plan either
-            cfg.pop(key, None)
-        if cfg.get("parameterization") != "sp":
-            cfg["parameterization"] = "mupp"
-    base = cfg.get("base_width")
-    if base is not None and cfg.get("width") == base:
-        cfg["parameterization"] = "mupp"
-        if cfg.get("rule") == "DP":
-            cfg["rule"] = "LP"
-    return cfg
-
-
-def point_key(params: Mapping[str, Any]) -> str:
-    """A short stable identifier of a grid point (16 hex digits of the SHA-1 of its sorted
-    JSON): the trial's ``point`` attribute and the run directory's name."""
-    return hashlib.sha1(
-        json.dumps(dict(sorted(params.items())), sort_keys=True).encode()
-    ).hexdigest()[:16]
-
-
-def run_key(config: Mapping[str, Any]) -> str:
-    """The name of a run's directory: the :func:`point_key` of the configuration's entries
-    that differ from :class:`TrainConfig`'s defaults, numbers as floats, so that equal
-    configurations share one directory however they were spelled (``rule = "LP"`` given or
-    left out, ``rho = 0`` or ``0.0``)."""
-    defaults = TrainConfig().to_dict()
-
-    def number(v: Any) -> Any:
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-
-    return point_key(
-        {k: number(v) for k, v in config.items() if k not in defaults or defaults[k] != v}
-    )
+    """A sweep that cannot go on now but resumes when rerun (a worker died): the CLI prints
+    its one line and exits 1, as for :class:`~mupp.lab.storage.StorageUnreachable`."""
 
 
 def _study(url: str, grid: Mapping[str, Sequence[Any]] | None, create: bool, storage=None):
@@ -563,35 +232,6 @@ def _pop(study, storage, grid, lock) -> tuple[Any, dict[str, Any]] | None:
     return trial, params
 
 
-@contextlib.contextmanager
-def heartbeats(storage, trial_ids: list[int]) -> Iterator[None]:
-    """Send the trials' heartbeats every ``HEARTBEAT_INTERVAL`` seconds from a thread while
-    the block runs (storages without heartbeats: nothing), so that a killed worker's trials
-    are found stale and re-queued."""
-    if not (hasattr(storage, "record_heartbeat") and getattr(storage, "heartbeat_interval", None)):
-        yield
-        return
-    for trial_id in trial_ids:
-        storage.record_heartbeat(trial_id)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_INTERVAL):
-            try:
-                for trial_id in trial_ids:
-                    storage.record_heartbeat(trial_id)
-            except Exception:  # pragma: no cover - storage hiccup; the next beat retries
-                pass
-
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
 def _pop_group(study, storage, grid, lock, base, first, limit: int):
     """Pop trials after ``first`` while they can train with it as one vectorized group (same
     :func:`mupp.lab.vectorized.group_key`), up to ``limit``.  Returns ``(group, carry)``:
@@ -738,7 +378,7 @@ def _worker_entry(
         worker(url, out_dir, vectorize=vectorize, keep_checkpoints=keep_checkpoints)
     except Preempted as stopped:  # run checkpointed, trial re-queued: exit as the signal would
         sys.exit(128 + stopped.signum)
-    except (SweepFailed, ValueError) as e:  # one line, not a traceback; the parent sums up
+    except (SweepFailed, StorageUnreachable, ValueError) as e:  # one line; the parent sums up
         print(f"mupp sweep worker {os.getpid()}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 
@@ -791,7 +431,7 @@ def run_sweep(
     print(
         f"sweep: {total} grid points, {counts['done']} done, {counts['waiting']} queued "
         f"({counts['enqueued']} newly), {counts['running']} running elsewhere; storage "
-        f"{_redact(url)}"
+        f"{redact_url(url)}"
     )
     if counts["running"]:
         print(
@@ -887,23 +527,6 @@ def _run_with_progress(
     if bar is not None:
         bar.n = count()
         bar.close()
-
-
-@contextlib.contextmanager
-def damaged_storage(url: str) -> Iterator[None]:
-    """Turn a damaged database (zeroed or overwritten pages of a SQLite file) into one
-    ``ValueError`` that says what to do: every finished run keeps its record in ``runs/``,
-    so a new database rebuilds every finished point from there."""
-    try:
-        yield
-    except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
-        cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) else e
-        first = (str(cause or e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(
-            f"the sweep storage {_redact(url)} cannot be read ({first[:160]}). If it is a "
-            "damaged sweep.db, move it aside and rerun the same `mupp sweep`: every finished "
-            "point is rebuilt from the records in runs/"
-        ) from None
 
 
 def load_results(url: str) -> list[dict[str, Any]]:
