@@ -30,7 +30,13 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    OperationalError,
+    PendingRollbackError,
+    SQLAlchemyError,
+)
 
 HEARTBEAT_INTERVAL = 2
 GRACE_PERIOD = 8
@@ -135,7 +141,9 @@ def _is_disconnect(e: BaseException) -> bool:
     """Whether a storage error is the database connection failing (the server restarting or
     unreachable), not a bad statement."""
     cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) else e
-    return isinstance(cause, OperationalError) or (
+    # PendingRollbackError: a session whose rollback failed in the outage (it is discarded
+    # before the retry)
+    return isinstance(cause, (OperationalError, PendingRollbackError)) or (
         isinstance(cause, DBAPIError) and cause.connection_invalidated
     )
 
@@ -164,6 +172,9 @@ def _outlasting_outages(method):
                         f"for {self.retry_s:g} s ({first[:160]}); rerun to resume (finished "
                         "points are kept), or raise --storage-retry"
                     ) from None
+                inner = getattr(self, "inner", None)
+                if inner is not None:  # a session left mid-transaction by the drop: start anew
+                    inner.remove_session()
                 time.sleep(wait)
                 wait = min(2 * wait, 8.0)
 
