@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from mupp.optim.perturbation import RULES, scales
+from mupp.choices import RULES
+from mupp.optim.perturbation import scales
 
 NORMS = torch.tensor([3.0, 4.0])  # t_l of two tensors
 NUM = torch.tensor([2.0, 0.5])

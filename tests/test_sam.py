@@ -420,15 +420,35 @@ def test_bad_base_optimizer_and_missing_metadata():
     SAM(mlp(8).parameters(), torch.optim.SGD, lr=0.1, rho=0.1, parameterization="sp")
 
 
-def test_editing_rho_to_a_bad_value_fails_before_touching_weights():
+def test_rho_is_checked_at_the_door_the_same_way_everywhere():
+    """ρ is validated where it enters (construction, a param group, a loaded state dict) with
+    one check and one message, and never per step; a 0-dim tensor is a number there."""
+    torch.manual_seed(0)
+    m1 = prepared_mlp()
+    m2 = mupp.reattach(copy.deepcopy(m1))
+    o1 = SAM(m1.parameters(), torch.optim.SGD, lr=0.1, rho=0.05)
+    o2 = SAM(m2.parameters(), torch.optim.SGD, lr=0.1, rho=torch.tensor(0.05))
+    for m, o in ((m1, o1), (m2, o2)):
+        o.step(lambda m=m: loss_fn(m).backward() or loss_fn(m))
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    with pytest.raises(ValueError, match=r"^rho must be a non-negative finite number; got -1$"):
+        SAM(prepared_mlp().parameters(), torch.optim.SGD, lr=0.1, rho=-1)
+    with pytest.raises(ValueError, match=r"rho \(param group\) must be a non-negative finite"):
+        SAM([{"params": list(prepared_mlp().parameters()), "rho": float("nan")}],
+            torch.optim.SGD, lr=0.1, rho=0.1)  # fmt: skip
+    state = o1.state_dict()
+    state["param_groups"][0]["rho"] = -0.1
+    with pytest.raises(ValueError, match="optimizer state_dict: param group 0 rho must be"):
+        o1.load_state_dict(state)
+
+
+def test_a_param_group_added_after_construction_is_refused_clearly():
     m = prepared_mlp()
-    opt = SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.1)
-    opt.param_groups[0]["rho"] = -1
-    w = [p.detach().clone() for p in m.parameters()]
-    loss_fn(m).backward()
-    with pytest.raises(ValueError, match="rho must be"):
-        opt.first_step()
-    assert all(torch.equal(p, w0) for p, w0 in zip(m.parameters(), w))
+    opt = SAM(list(m.parameters())[:-1], torch.optim.SGD, lr=0.1, rho=0.1)
+    groups = len(opt.param_groups)
+    with pytest.raises(ValueError, match="SAM.add_param_group after construction is not"):
+        opt.add_param_group({"params": [list(m.parameters())[-1]]})
+    assert len(opt.param_groups) == groups  # nothing half-added
 
 
 def test_batchnorm_stats_frozen_in_perturbed_pass():
@@ -644,7 +664,7 @@ def test_step_completes_a_pending_first_step_and_runs_the_closure_once():
     loss_fn(m).backward()
     calls = []
     assert opt.step(lambda: calls.append(1) or 7.0) == 7.0  # a hook-only closure, as Lightning's
-    assert calls == [1] and not opt._pending
+    assert calls == [1] and opt._step is None
     opt_ref.step(lambda: loss_fn(ref).backward())
     for p, q in zip(m.parameters(), ref.parameters()):
         assert torch.equal(p, q)

@@ -1,7 +1,8 @@
 """Optimizers: μP base optimizers and the SAM family."""
 
+from ..choices import RULES, VARIANTS
 from .groups import MuAdamW, MuSGD, mup_param_groups, optimizer_kind
-from .perturbation import RULES, VARIANTS, is_perturbed
+from .perturbation import is_perturbed
 from .sam import SAM, frozen_bn_stats
 
 __all__ = [

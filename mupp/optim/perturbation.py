@@ -27,8 +27,9 @@ a non-finite gradient yields a zero scale and a ``False`` finiteness flag (a ten
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -120,6 +121,12 @@ def _gradient(p: torch.Tensor) -> torch.Tensor | None:
     return p.grad
 
 
+def group_perturbs(group: Mapping[str, Any]) -> bool:
+    """Whether a param group is perturbed at all: its variant selects it (``perturb``) and its
+    radius is not zero (``rho = 0`` is the base optimizer's step)."""
+    return bool(group.get("perturb", True)) and group["rho"] != 0
+
+
 def buckets(
     param_groups: Iterable[dict],
     source: Callable[[torch.Tensor], torch.Tensor | None] = _gradient,
@@ -130,7 +137,7 @@ def buckets(
     optimizer's momentum (Momentum-SAM); parameters without one are left out."""
     out = []
     for g in param_groups:
-        if not g.get("perturb", True) or g["rho"] == 0:
+        if not group_perturbs(g):
             continue
         by_key: dict[tuple, Bucket] = {}
         for p in g["params"]:
@@ -270,17 +277,19 @@ def scales(
     ``rho`` broadcast against it.  ``LP``/``DP``: ``ρ num_l / sqrt(Σ_k den_k² t_k²)`` (Def. 4,
     Remark F.4); ``LN``: ``ρ num_l / t_l`` (Remark F.2); ``unnormalized``: ``ρ num_l``
     (App. F.3).  Returns ``(s, finite)``: where a norm term is not finite, that problem's
-    scales are zero and ``finite`` (shape ``norms.shape[1:]``) is ``False``.
+    scales are zero and ``finite`` (shape ``norms.shape[1:]``) is ``False``.  ``rule`` is
+    checked where it is chosen (``SAM``, ``TrainConfig``); an unknown one raises here.
     """
-    check_choice("rule", rule, RULES)
     finite = torch.isfinite(norms).all(0)
     if rule in JOINT_RULES:
         total = (den * norms).square().sum(0).sqrt()
         s = rho * num / (total + norm_eps)
     elif rule == "LN":
         s = rho * num / (norms + norm_eps)
-    else:
+    elif rule == "unnormalized":
         s = (rho * num).expand_as(norms)
+    else:  # unreachable through SAM and TrainConfig, which check the rule when built
+        check_choice("rule", rule, RULES)
     return torch.where(finite, s, torch.zeros_like(s)), finite
 
 
@@ -309,7 +318,6 @@ def perturb_(
     (one tensor per parameter, in bucket order) receives the perturbed weights ``W + ε`` in
     one fused operation per tensor, and is returned in place of the epsilons.
     """
-    check_choice("rule", rule, RULES)
     if not bucket_list:
         return [], [], None
     dirs, terms = _directions_and_terms(

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -119,6 +119,34 @@ def _check_arguments(
         check_choice("weight_multipliers", weight_multipliers, tuple(WEIGHT_MULTIPLIER_PRESETS))
         weight_multipliers = WEIGHT_MULTIPLIER_PRESETS[weight_multipliers]
     return dict(weight_multipliers or {})
+
+
+@dataclass
+class PendingStep:
+    """SAM's state between :meth:`SAM.first_step` and :meth:`SAM.second_step` (or
+    :meth:`SAM.restore`): what the ascent step changed, and how to undo it exactly.
+
+    Attributes:
+        kind: what ε was built along: ``"gradient"`` (two-pass SAM, LookSAM's full steps),
+            ``"momentum"`` (Momentum-SAM) or ``"none"`` (a step between ``every=k`` full steps,
+            or the first Momentum-SAM step: no ε).
+        params: the perturbed tensors, at ``W + ε`` (the local shards under FSDP2).
+        owners: the parameter each of ``params`` belongs to (for :meth:`SAM.perturbation`).
+        saved: the weights ``W``: the original storages when ``swapped``, else copies.
+        swapped: restore by swapping storages back (no copy) instead of copying ``saved``.
+        finite: 0-dim bool tensor, ``False`` when an ascent direction was not finite (the
+            whole step is then skipped); ``None`` when nothing was perturbed.
+        kept: LookSAM's full step: ``(parameter, reuse buffer)`` pairs holding the gradient
+            at ``W``, turned into the reused component after the descent pass.
+    """
+
+    kind: str
+    params: list[torch.Tensor]
+    owners: list[torch.Tensor]
+    saved: list[torch.Tensor]
+    swapped: bool
+    finite: torch.Tensor | None
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 class SAM(torch.optim.Optimizer):
@@ -237,8 +265,7 @@ class SAM(torch.optim.Optimizer):
         self.reuse = reuse
         self.reuse_scale = reuse_scale
         self.skipped_steps = 0
-        self._pending = False
-        self._finite: torch.Tensor | None = None
+        self._step: PendingStep | None = None  # between first_step and second_step
 
         groups = mup_param_groups(
             params,
@@ -251,6 +278,7 @@ class SAM(torch.optim.Optimizer):
         for g in groups:
             g.setdefault("rho", rho)
             check_nonneg("rho (param group)", g["rho"])
+            g["rho"] = float(g["rho"])  # a 0-dim tensor too: one type from here on
             if every > 1:
                 g.setdefault("sam_step", 0)
         if reuse is not None and any(
@@ -261,7 +289,8 @@ class SAM(torch.optim.Optimizer):
                 "does not shard yet; under FSDP2 use reuse=None or ascent='momentum'"
             )
         super().__init__(
-            self._perturbation_groups(groups, perturb), dict(lr=lr, rho=rho, **base_kwargs)
+            self._perturbation_groups(groups, perturb),
+            dict(lr=lr, rho=float(rho), **base_kwargs),
         )
         self.base_optimizer = base_optimizer(self.param_groups, lr=lr, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -270,8 +299,6 @@ class SAM(torch.optim.Optimizer):
         self._momentum_key = (
             momentum_state_key(self.base_optimizer) if ascent == "momentum" else None
         )
-        self._kind = "gradient"  # what the pending first_step perturbed along
-        self._kept: list = []  # LookSAM's full step: (parameter, its reuse buffer)
 
     def _perturbation_groups(self, groups: list[dict], perturb: perturbation.Perturb) -> list[dict]:
         """Split ``groups`` so that every group has one ``perturb``, ``pert_num`` and
@@ -354,21 +381,17 @@ class SAM(torch.optim.Optimizer):
         gradients: every rule and variant then equals the unscaled computation (the
         unnormalized rule and ``ascent_weight_decay`` depend on the gradient's scale).
         """
-        if self._pending:
+        if self._step is not None:
             raise RuntimeError(
                 "first_step() called twice without second_step(): the weights are already perturbed"
             )
-        for g in self.param_groups:
-            if not (
-                isinstance(g["rho"], (int, float)) and math.isfinite(g["rho"]) and g["rho"] >= 0
-            ):
-                raise ValueError(f"rho must be a non-negative finite number; got {g['rho']!r}")
         source = self._direction_source()
-        self._kind = "none" if source is None else self.ascent
+        kind = "none" if source is None else self.ascent
         bl = [] if source is None else perturbation.buckets(self.param_groups, source)
-        if self._kind == "gradient" and self.reuse is not None:
-            self._keep_ascent_gradients()
-        momentum = self._kind == "momentum"
+        kept = (
+            self._keep_ascent_gradients() if kind == "gradient" and self.reuse is not None else []
+        )
+        momentum = kind == "momentum"
         # ε along the momentum cannot be built in the gradients' storage: it goes into
         # buffers kept for the next step (no allocation per step)
         into = None
@@ -419,34 +442,30 @@ class SAM(torch.optim.Optimizer):
                     torch._foreach_copy_(params, eps)  # eps holds W + ε here
                 else:
                     torch._foreach_add_(params, eps)
-        self._swapped = swap
-        self._perturbed = params
-        self._owners = owners
-        self._saved = saved
-        self._finite = finite
-        self._pending = True
+        self._step = PendingStep(kind, params, owners, saved, swap, finite, kept)
         if zero_grad:
             self.zero_grad()
 
-    def _keep_ascent_gradients(self) -> None:
+    def _keep_ascent_gradients(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """LookSAM's full step: copy every gradient at ``W`` (not only the perturbed
         parameters': every layer's SAM gradient changes) into its reuse buffer, which
-        :meth:`_update_reuse` turns into ``g_v`` in place (no allocation after the first)."""
+        :meth:`_update_reuse` turns into ``g_v`` in place (no allocation after the first).
+        Returns ``(parameter, buffer)`` pairs."""
         base = self.base_optimizer.state
-        self._kept = []
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is not None:
-                    self._kept.append((p, _buffer(base[p], REUSE_KEY, p.grad).copy_(p.grad)))
+        return [
+            (p, _buffer(base[p], REUSE_KEY, p.grad).copy_(p.grad))
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        ]
 
-    def _update_reuse(self) -> None:
+    def _update_reuse(self, kept: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """LookSAM's full step, after the descent pass: per tensor, the component of the SAM
         gradient ``g_s`` orthogonal to the gradient ``g`` at ``W``,
         ``g_v = g_s - (<g_s, g> / ||g||²) g``, kept in the base optimizer's state under
         :data:`REUSE_KEY` (so it is saved with the state dict).  After a non-finite step the
         direction is zero: the steps until the next full step are base steps."""
-        kept = [(p, d) for p, d in self._kept if p.grad is not None]
-        self._kept = []
+        kept = [(p, d) for p, d in kept if p.grad is not None]
         if not kept:
             return
         ds = [d for _, d in kept]
@@ -515,11 +534,12 @@ class SAM(torch.optim.Optimizer):
     def perturbation(self, p: torch.Tensor) -> torch.Tensor | None:
         """ε of parameter ``p`` while a :meth:`first_step` is pending (``None`` if ``p`` is
         not perturbed), for diagnostics."""
-        if not self._pending:
+        step = self._step
+        if step is None:
             raise RuntimeError(
                 "perturbation() is only available between first_step() and second_step()"
             )
-        for owner, q, saved in zip(self._owners, self._perturbed, self._saved):
+        for owner, q, saved in zip(step.owners, step.params, step.saved):
             if owner is p:
                 return q.detach() - saved
         return None
@@ -527,17 +547,17 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def restore(self) -> None:
         """Put back the exact weights saved by :meth:`first_step` (no base step)."""
-        if not self._pending:
+        step = self._step
+        if step is None:
             raise RuntimeError(
                 "second_step()/restore() called before first_step(): nothing to restore"
             )
-        if self._swapped:
-            for p, w in zip(self._perturbed, self._saved):
+        if step.swapped:
+            for p, w in zip(step.params, step.saved):
                 p.data = w
-        elif self._perturbed:
-            torch._foreach_copy_(self._perturbed, self._saved)
-        self._saved = []
-        self._pending = False
+        elif step.params:
+            torch._foreach_copy_(step.params, step.saved)
+        self._step = None
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, scaler: Any = None) -> None:
@@ -547,12 +567,12 @@ class SAM(torch.optim.Optimizer):
         ``scaler.step``, which skips it when either pass overflowed (call ``scaler.update()``
         afterwards).
         """
-        finite1 = self._finite
-        kind = self._kind
-        self.restore()
+        pending = self._step
+        self.restore()  # raises when nothing is pending
+        finite1 = pending.finite
         if self.reuse == "looksam":
-            if kind == "gradient":
-                self._update_reuse()
+            if pending.kind == "gradient":
+                self._update_reuse(pending.kept)
             else:
                 self._apply_reuse()
         if self.every > 1:  # the position in the cycle of full steps (saved with the groups)
@@ -596,7 +616,7 @@ class SAM(torch.optim.Optimizer):
         then is evaluated once first, at ``W + ε`` (frameworks such as Lightning pass one that
         only runs their hooks), and its value is returned.
         """
-        if self._pending:
+        if self._step is not None:
             return self._finish(closure)
         if closure is None:
             raise RuntimeError(
@@ -641,7 +661,7 @@ class SAM(torch.optim.Optimizer):
         frozen = [
             p
             for g in self.param_groups
-            if not g.get("perturb", True) or g["rho"] == 0
+            if not perturbation.group_perturbs(g)
             for p in g["params"]
             if p.requires_grad and self.reuse is None  # LookSAM keeps every gradient at W
         ]
@@ -663,6 +683,21 @@ class SAM(torch.optim.Optimizer):
         (with ``rho`` and the per-group scale factors)."""
         return self.base_optimizer.state_dict()
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group while SAM is being built (``torch.optim.Optimizer``'s constructor calls
+        this); afterwards a new group is refused: its μP learning-rate and perturbation
+        factors depend on the whole model's widths and roles (Def. 4), which were fixed when
+        SAM was built.  Build SAM with every group instead (a frozen group can start at
+        ``lr=0`` and ``rho=0``)."""
+        if getattr(self, "base_optimizer", None) is not None:
+            raise ValueError(
+                "SAM.add_param_group after construction is not supported: a new group's μP "
+                "learning-rate and perturbation factors come from the whole model; build SAM "
+                "with every param group (a group to unfreeze later can start at lr=0, rho=0)"
+            )
+        check_nonneg("rho (param group)", param_group.get("rho", self.defaults.get("rho", 0.0)))
+        super().add_param_group(param_group)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load :meth:`state_dict`, after checking that it belongs to this model: the same
         per-group scale factors (``lr``'s μP factor aside, which schedulers change) and state
@@ -675,6 +710,7 @@ class SAM(torch.optim.Optimizer):
                 f"{len(self.param_groups)}: it belongs to another model, width or configuration"
             )
         for i, (saved, mine) in enumerate(zip(groups, self.param_groups)):
+            check_nonneg(f"optimizer state_dict: param group {i} rho", saved.get("rho", 0.0))
             for key in ("perturb", "pert_num", "pert_den"):
                 if key in saved and key in mine and saved[key] != mine[key]:
                     raise ValueError(
