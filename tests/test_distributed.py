@@ -13,6 +13,8 @@ from conftest import gloo_group, prepared_mlp, step_data
 import mupp
 from mupp.distributed import sam_passes
 
+pytestmark = pytest.mark.slow  # multi-process and subprocess runs
+
 STEPS = 4
 RHO, LR = 0.1, 0.05
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # multi-process and subprocess runs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

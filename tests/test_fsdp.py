@@ -20,6 +20,8 @@ from conftest import gloo_group, mlp, prepared_mlp, step_data, tiny_llama
 import mupp
 from mupp.distributed import sam_passes
 
+pytestmark = pytest.mark.slow  # multi-process and subprocess runs
+
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 STEPS = 3
 # (rule, variant, parameterization, set_base_shapes after sharding)

@@ -15,6 +15,8 @@ import pytest
 from mupp.lab import sweep
 from mupp.lab.storage import make_storage
 
+pytestmark = pytest.mark.slow  # multi-process and subprocess runs
+
 BINARIES = [shutil.which(b) for b in ("initdb", "pg_ctl")]
 
 

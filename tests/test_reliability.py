@@ -263,6 +263,7 @@ def test_a_different_configuration_names_what_differs(tmp_path, capsys):
     assert "another --out" in err
 
 
+@pytest.mark.slow
 def test_concurrent_first_starts_on_a_new_folder(tmp_path):
     cmd = [sys.executable, "-m", "mupp", "sweep", "--grid", "lr=0.05,0.1", "--grid", "rho=0.0"]
     cmd += ["--grid", "width=32", "--set", 'dataset="synthetic"', "--set", "base_width=32"]

@@ -26,6 +26,7 @@ def completed(url):
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), study
 
 
+@pytest.mark.slow
 def test_two_workers_finish_a_grid_exactly_once(tmp_path):
     grid = {"lr": [0.05, 0.1], "rho": [0.0, 0.1], "width": [32, 64]}
     results = sweep.run_sweep(grid, BASE, tmp_path, workers=2, progress=False)
@@ -46,6 +47,7 @@ def _slow_worker(url, out_dir):
     sweep.worker(url, out_dir, vectorize=False)  # one trial at a time, with checkpoints
 
 
+@pytest.mark.slow
 def test_sigkill_mid_trial_then_resume_loses_and_duplicates_nothing(tmp_path):
     grid = {"lr": [0.05, 0.1], "width": [256], "rho": [0.1]}
     base = dict(BASE, epochs=40)
@@ -417,6 +419,7 @@ def _alive(pid):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+@pytest.mark.slow
 def test_workers_stop_when_the_parent_alone_is_terminated(tmp_path):
     """SIGTERM to the sweep's parent only (docker stop, Kubernetes): its workers stop too,
     instead of training on as orphans, and their trials are queued again on the next run."""

@@ -216,6 +216,7 @@ def test_a_signal_mid_epoch_checkpoints_the_step_and_resumes_bitwise(tmp_path, m
     assert resumed["history"] == full["history"]
 
 
+@pytest.mark.slow
 def test_mupp_train_stopped_by_sigterm_says_how_to_continue(tmp_path):
     """The CLI: one line, exit status 128 + 15, and --resume finishes the run."""
     import subprocess

@@ -96,6 +96,12 @@ def aggregate(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[tuple, dict
     return out
 
 
+def is_sam_cell(rho: float) -> bool:
+    """Whether a grid cell is a SAM cell (``rho > 0``); the others are the base optimizer's
+    (:attr:`mupp.lab.config.TrainConfig.uses_sam` for one run)."""
+    return rho > 0
+
+
 def optimum(
     cells: Mapping[tuple, Mapping[str, Any]], rho_filter: Callable[[float], bool] | None = None
 ) -> tuple[tuple, float] | None:
@@ -113,7 +119,7 @@ def optimum(
 def best_cell(cells: Mapping[tuple, Mapping[str, Any]]) -> tuple[tuple, float]:
     """``((lr, rho), mean acc)`` of a width's optimum as mupp reports it: the best SAM cell
     (``rho > 0``), or the best cell of all when the grid has no SAM cell."""
-    return optimum(cells, lambda rho: rho > 0) or optimum(cells)
+    return optimum(cells, is_sam_cell) or optimum(cells)
 
 
 def tied_with_best(cells: Mapping[tuple, Mapping[str, Any]], best: tuple) -> list[tuple] | None:
@@ -141,8 +147,8 @@ def _sam_vs_sgd(cells: Mapping[tuple, Mapping[str, Any]]) -> tuple:
     """``(sam, sgd, gain)``: the best ``rho > 0`` and the best ``rho = 0`` cell of ``cells`` (as
     :func:`optimum` gives them, ``None`` when absent) and the first minus the second, paired by
     seed (``None`` unless both exist)."""
-    sam = optimum(cells, lambda rho: rho > 0)
-    sgd = optimum(cells, lambda rho: rho == 0)
+    sam = optimum(cells, is_sam_cell)
+    sgd = optimum(cells, lambda rho: not is_sam_cell(rho))
     gain = (
         confidence.paired(cells[sam[0]]["by_seed"], cells[sgd[0]]["by_seed"])
         if (sam and sgd)

@@ -22,6 +22,7 @@ from ..choices import LAYER_ROLES
 from ..diagnostics.layers import weight_layers
 from ..models import build
 from ..shapes import get_info
+from .analysis import is_sam_cell
 from .checks import coordcheck
 from .confidence import excludes_zero, paired
 
@@ -108,7 +109,7 @@ def verdict(rows: Sequence[Mapping[str, Any]], base_rho: float = BASE_RHO) -> di
     if len(widths) < 2:
         raise ValueError(f"the demo's verdict needs two widths; the records have {widths}")
     base, widest = widths[0], widths[-1]
-    rhos = sorted({r["rho"] for r in rows if r["rho"] > 0})
+    rhos = sorted({r["rho"] for r in rows if is_sam_cell(r["rho"])})
     sgd = _by_seed(rows, "mupp", widest, 0.0)
     mupp = _by_seed(rows, "mupp", widest, base_rho)
     if not sgd or not mupp:

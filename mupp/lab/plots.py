@@ -15,7 +15,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..diagnostics.coordcheck import METRICS
-from .analysis import aggregate, best_cell, optimum, tied_with_best, transfer_summary
+from .analysis import (
+    aggregate,
+    best_cell,
+    is_sam_cell,
+    optimum,
+    tied_with_best,
+    transfer_summary,
+)
 
 
 def plot_sweep(rows: list[Mapping[str, Any]], prefix: str) -> list[str]:
@@ -99,12 +106,12 @@ def _slices(agg: Mapping[tuple, Mapping], rhos: list[float]) -> Figure:
     widths = sorted({w for _, w in agg})
     fig = Figure(figsize=(5 * len(pars), 3.8))
     axes = fig.subplots(1, len(pars), squeeze=False)
-    pos_rhos = [r for r in rhos if r > 0]
+    pos_rhos = [r for r in rhos if is_sam_cell(r)]
     for i, par in enumerate(pars):
         ax = axes[0][i]
         for w in widths:
             cells = agg.get((par, w), {})
-            opt = optimum(cells, lambda rho: rho > 0)
+            opt = optimum(cells, is_sam_cell)
             if not opt or not pos_rhos:
                 continue
             lr = opt[0][0]

@@ -109,7 +109,7 @@ def _perturbation_stats(
 ) -> dict[str, dict[str, float]]:
     """``pert_norm`` and ``pert_rel_spec`` per layer of one SAM ascent step with the run's
     settings on the probe batch (zeros for a plain SGD run); the weights are restored."""
-    if cfg.rho == 0:
+    if not cfg.uses_sam:
         zeros = {name: 0.0 for name, _ in layers}
         return {"pert_norm": zeros, "pert_rel_spec": dict(zeros)}
     opt = sgd_sam(model, cfg.parameterization, cfg.variant, cfg.rule, cfg.lr, cfg.rho)
