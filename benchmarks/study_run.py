@@ -88,7 +88,7 @@ def epoch_costs(width: int, ds: data_mod.Dataset, repeats: int = 3) -> dict:
 def _run(args):
     cfg, threads, ds = args
     torch.set_num_threads(threads)
-    train(cfg, progress=False, log=None, dataset=ds)
+    train(TrainConfig.from_dict(cfg), progress=False, log=None, dataset=ds)
 
 
 def runs_per_hour(width: int, ds, n_runs: int, epochs: int) -> dict:

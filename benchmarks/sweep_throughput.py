@@ -17,6 +17,7 @@ import torch
 from _report import write_json
 
 from mupp.lab import data
+from mupp.lab.config import TrainConfig
 from mupp.lab.train import train
 from mupp.lab.vectorized import train_group
 
@@ -69,11 +70,11 @@ def main() -> None:
         )
         cfgs = [dict(base, lr=lr, rho=rho) for lr in LRS for rho in RHOS]
         t0 = time.perf_counter()
-        vec = train_group(cfgs, ds)
+        vec = train_group([TrainConfig.from_dict(c) for c in cfgs], ds)
         _sync(args.device)
         t_vec = time.perf_counter() - t0
         t0 = time.perf_counter()
-        seq = [train(c, progress=False, dataset=ds, log=None) for c in cfgs]
+        seq = [train(TrainConfig.from_dict(c), progress=False, dataset=ds, log=None) for c in cfgs]
         _sync(args.device)
         t_seq = time.perf_counter() - t0
         diff_loss = max(

@@ -17,6 +17,7 @@ import torch
 from _report import write_json
 
 from mupp.lab import data
+from mupp.lab.config import TrainConfig
 from mupp.lab.vectorized import train_group
 
 
@@ -25,7 +26,7 @@ def run(cfgs: list[dict], ds: data.Dataset, tf32: bool) -> tuple[list[dict], flo
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     t0 = time.perf_counter()
-    out = train_group(cfgs, ds)
+    out = train_group([TrainConfig.from_dict(c) for c in cfgs], ds)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return out, time.perf_counter() - t0

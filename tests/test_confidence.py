@@ -278,7 +278,10 @@ def test_a_finished_equivalent_run_is_reused_not_retrained(tmp_path, monkeypatch
     study = SimpleNamespace(get_trials=lambda deepcopy, states: [trial])
     monkeypatch.setattr(sweep, "train", lambda *a, **k: pytest.fail("trained again"))
     got = sweep._train_shared(
-        {**base, "parameterization": "mup-global"}, tmp_path, False, study=study
+        TrainConfig.from_dict({**base, "parameterization": "mup-global"}),
+        tmp_path,
+        False,
+        study=study,
     )
     assert got is record
 

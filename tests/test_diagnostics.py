@@ -207,6 +207,7 @@ def test_coordcheck_bad_input():
 FACTORIES = """
 import torch
 import mupp
+from mupp.lab.config import TrainConfig
 
 
 def raises(w):
@@ -286,6 +287,7 @@ def test_global_sam_approaches_last_layer_sam_with_width(capsys):
 
 def test_run_statistics_of_trained_runs(tmp_path, capsys):
     from mupp.lab import data
+    from mupp.lab.config import TrainConfig
     from mupp.lab.statistics import run_statistics
     from mupp.lab.train import train
 
@@ -293,9 +295,17 @@ def test_run_statistics_of_trained_runs(tmp_path, capsys):
     base = dict(dataset="synthetic", width=32, base_width=16, epochs=1, batch_size=64, lr=0.05)
     # SP has no perturbation scaling (num = den = 1): with only the readout perturbed, Def. 4's
     # joint normalization makes ||ε_out||_F exactly rho
-    train(dict(base, parameterization="sp", variant="last-layer", rho=0.3), tmp_path / "ll",
-          progress=False, dataset=ds, log=None)  # fmt: skip
-    train(dict(base, rho=0.0), tmp_path / "sgd", progress=False, dataset=ds, log=None)
+    last_layer = TrainConfig.from_dict(
+        dict(base, parameterization="sp", variant="last-layer", rho=0.3)
+    )
+    train(last_layer, tmp_path / "ll", progress=False, dataset=ds, log=None)
+    train(
+        TrainConfig.from_dict(dict(base, rho=0.0)),
+        tmp_path / "sgd",
+        progress=False,
+        dataset=ds,
+        log=None,
+    )
     ll = run_statistics(tmp_path / "ll", dataset=ds, probe_size=128)
     assert ll["layers"]["pert_norm"]["layers.2"] == pytest.approx(0.3, rel=1e-5)
     assert ll["layers"]["pert_norm"]["layers.0"] == ll["layers"]["pert_norm"]["layers.1"] == 0.0
@@ -306,7 +316,13 @@ def test_run_statistics_of_trained_runs(tmp_path, capsys):
     sgd = run_statistics(tmp_path / "sgd", dataset=ds, probe_size=128)
     assert set(sgd["layers"]["pert_norm"].values()) == {0.0}
     # the initial weights are rebuilt from the run's seed: a run that barely moved shows ~0
-    train(dict(base, lr=1e-9, rho=0.0), tmp_path / "still", progress=False, dataset=ds, log=None)
+    train(
+        TrainConfig.from_dict(dict(base, lr=1e-9, rho=0.0)),
+        tmp_path / "still",
+        progress=False,
+        dataset=ds,
+        log=None,
+    )
     still = run_statistics(tmp_path / "still", dataset=ds, probe_size=128)
     assert max(still["layers"]["update_spec"].values()) < 1e-6
     with pytest.raises(FileNotFoundError, match="run_dir .* has no checkpoint.pt"):

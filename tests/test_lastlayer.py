@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mupp
+from mupp.lab.config import TrainConfig
 from mupp.lab.train import train
 from mupp.models import MLP
 from mupp.optim.lastlayer import LastLayerStep, readout_module
@@ -102,8 +103,8 @@ def test_needs_last_layer_sam():
 def test_mupp_train_uses_it_and_can_turn_it_off():
     cfg = dict(dataset="synthetic", width=128, base_width=64, epochs=2, variant="last-layer")
     cfg.update(parameterization="mup-global", rho=0.2, lr=0.05)
-    on = train(cfg, progress=False, log=None)
-    off = train(dict(cfg, last_layer_fast=False), progress=False, log=None)
+    on = train(TrainConfig.from_dict(cfg), progress=False, log=None)
+    off = train(TrainConfig.from_dict(dict(cfg, last_layer_fast=False)), progress=False, log=None)
     assert on["config"]["last_layer_fast"] and not off["config"]["last_layer_fast"]
     for a, b in zip(on["history"], off["history"]):
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=2e-3)

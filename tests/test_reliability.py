@@ -15,6 +15,7 @@ from conftest import mlp, prepared_mlp
 import mupp
 from mupp.lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mupp.lab.cli import main
+from mupp.lab.config import TrainConfig
 from mupp.lab.train import train
 
 BASE = dict(dataset="synthetic", width=32, base_width=32, epochs=2, batch_size=64)
@@ -45,13 +46,13 @@ def test_a_crafted_checkpoint_cannot_run_code(tmp_path, monkeypatch):
     run.mkdir()
     (run / "checkpoint.pt").write_bytes(pickle.dumps({"config": Payload()}))
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
-        train(BASE, run, resume=True, progress=False, log=None)
+        train(TrainConfig.from_dict(BASE), run, resume=True, progress=False, log=None)
     assert not (tmp_path / "PWNED").exists()
 
 
 def test_flipped_bytes_are_detected_and_the_error_says_what_to_do(tmp_path, capsys):
     run = tmp_path / "run"
-    train(dict(BASE, epochs=1), run, progress=False, log=None)
+    train(TrainConfig.from_dict(dict(BASE, epochs=1)), run, progress=False, log=None)
     ckpt = run / "checkpoint.pt"
     data = bytearray(ckpt.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -492,3 +492,28 @@ def test_a_rejected_sweep_leaves_no_empty_out(tmp_path, kw):
     with pytest.raises(ValueError):
         sweep.run_sweep({"lr": [0.1]}, BASE, out, progress=False, **kw)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device", "runs/x/checkpoint.pt.tmp"),
+        ValueError("--storage sqlite:///x: the database cannot be opened"),
+    ],
+)
+def test_a_worker_that_fails_prints_one_line_and_exits_1(monkeypatch, capsys, error):
+    """A full disk or an unreadable storage inside a worker process: one line naming the
+    worker, exit status 1 (the parent then says how many failed), no traceback."""
+    import torch
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(sweep, "worker", failing)
+    monkeypatch.setattr(sweep, "_stop_with_parent", lambda: None)
+    with pytest.raises(SystemExit) as stopped:
+        sweep._worker_entry("sqlite:///x.db", "out", torch.get_num_threads(), None, False)
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mupp sweep worker ") and str(error) in err
+    assert len(err.strip().splitlines()) == 1

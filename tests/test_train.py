@@ -30,7 +30,7 @@ BASE = dict(
 def run(out=None, **kw):
     cfg = dict(BASE)
     cfg.update(kw)
-    return train(cfg, out, progress=False, dataset=DS, log=None)
+    return train(TrainConfig.from_dict(cfg), out, progress=False, dataset=DS, log=None)
 
 
 def test_deterministic_per_seed():
@@ -53,8 +53,21 @@ def test_resume_continues_exactly(tmp_path):
 
     cfg = dict(BASE, schedule="cosine")
     with pytest.raises(Killed):
-        train(cfg, tmp_path / "part", progress=False, dataset=DS, log=kill_after_first_epoch)
-    resumed = train(cfg, tmp_path / "part", resume=True, progress=False, dataset=DS, log=None)
+        train(
+            TrainConfig.from_dict(cfg),
+            tmp_path / "part",
+            progress=False,
+            dataset=DS,
+            log=kill_after_first_epoch,
+        )
+    resumed = train(
+        TrainConfig.from_dict(cfg),
+        tmp_path / "part",
+        resume=True,
+        progress=False,
+        dataset=DS,
+        log=None,
+    )
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     assert resumed["history"] == full["history"]
     assert json.loads((tmp_path / "part" / "result.json").read_text())["history"] == full["history"]
@@ -64,7 +77,7 @@ def test_resume_refuses_a_different_config(tmp_path):
     run(tmp_path, epochs=1)
     with pytest.raises(ValueError, match="different configuration"):
         train(
-            dict(BASE, epochs=1, lr=0.2),
+            TrainConfig.from_dict(dict(BASE, epochs=1, lr=0.2)),
             tmp_path,
             resume=True,
             progress=False,
@@ -78,15 +91,35 @@ def test_resume_accepts_a_checkpoint_written_before_an_option_existed(tmp_path):
     # killed across versions must resume, not stop with "different configuration")
     cfg = dict(BASE, epochs=2)
     full = run(tmp_path / "full", epochs=2)
-    train(cfg, tmp_path / "old", progress=False, dataset=DS, log=None, stop_after_epochs=1)
+    train(
+        TrainConfig.from_dict(cfg),
+        tmp_path / "old",
+        progress=False,
+        dataset=DS,
+        log=None,
+        stop_after_epochs=1,
+    )
     ckpt = tmp_path / "old" / "checkpoint.pt"
     state = load_checkpoint(ckpt)
     del state["config"]["last_layer_fast"]
     save_checkpoint(state, ckpt)
-    resumed = train(cfg, tmp_path / "old", resume=True, progress=False, dataset=DS, log=None)
+    resumed = train(
+        TrainConfig.from_dict(cfg),
+        tmp_path / "old",
+        resume=True,
+        progress=False,
+        dataset=DS,
+        log=None,
+    )
     assert resumed["history"] == full["history"]
     with pytest.raises(ValueError, match=r"differs in \['lr'\]"):
-        train(dict(cfg, lr=0.2), tmp_path / "old", resume=True, progress=False, dataset=DS)
+        train(
+            TrainConfig.from_dict(dict(cfg, lr=0.2)),
+            tmp_path / "old",
+            resume=True,
+            progress=False,
+            dataset=DS,
+        )
 
 
 def test_divergence_is_flagged_not_raised():
@@ -168,7 +201,7 @@ def test_gpt_trains_on_a_text_file_and_reports_validation_loss(tmp_path):
         base_width=16, block_size=16, optimizer="adamw", lr=3e-3, rho=0.05, rule="DP",
         epochs=2, batch_size=8, model_kwargs={"n_layer": 1, "n_head": 2},
     )  # fmt: skip
-    r = train(cfg, None, progress=False, log=None)
+    r = train(TrainConfig.from_dict(cfg), None, progress=False, log=None)
     assert r["best_test_loss"] == min(h["test_loss"] for h in r["history"])
     assert r["best_test_bpc"] == pytest.approx(r["best_test_loss"] / math.log(2))
     assert r["history"][-1]["train_loss"] < math.log(len(set(text)))  # it learned something
@@ -197,7 +230,9 @@ def test_a_signal_mid_epoch_checkpoints_the_step_and_resumes_bitwise(tmp_path, m
     import mupp.lab.train as train_mod
 
     cfg = dict(BASE, schedule="cosine", label_smoothing=0.0)
-    full = train(cfg, tmp_path / "full", progress=False, dataset=DS, log=None)
+    full = train(
+        TrainConfig.from_dict(cfg), tmp_path / "full", progress=False, dataset=DS, log=None
+    )
     real = train_mod.epoch_batches
 
     def signalling(cfg_, split, name, epoch):
@@ -208,11 +243,18 @@ def test_a_signal_mid_epoch_checkpoints_the_step_and_resumes_bitwise(tmp_path, m
 
     monkeypatch.setattr(train_mod, "epoch_batches", signalling)
     with pytest.raises(train_mod.Preempted) as stopped:
-        train(cfg, tmp_path / "part", progress=False, dataset=DS, log=None)
+        train(TrainConfig.from_dict(cfg), tmp_path / "part", progress=False, dataset=DS, log=None)
     assert (stopped.value.epoch, stopped.value.step, stopped.value.signum) == (2, 4, signum)
     assert signal.getsignal(signum) is not None  # the old handler is back
     monkeypatch.setattr(train_mod, "epoch_batches", real)
-    resumed = train(cfg, tmp_path / "part", resume=True, progress=False, dataset=DS, log=None)
+    resumed = train(
+        TrainConfig.from_dict(cfg),
+        tmp_path / "part",
+        resume=True,
+        progress=False,
+        dataset=DS,
+        log=None,
+    )
     assert resumed["history"] == full["history"]
 
 
@@ -284,3 +326,30 @@ def test_operating_system_errors_are_one_line(tmp_path, monkeypatch, capsys, cod
     assert os.strerror(code) in err and "checkpoint.pt.tmp" in err and remedy in err
     with pytest.raises(OSError):  # --debug still shows it
         main(["--debug", "train", "--dataset", "synthetic", "--out", str(tmp_path / "run")])
+
+
+def test_train_takes_a_trainconfig_and_says_how_to_build_one():
+    with pytest.raises(TypeError, match=r"train takes a TrainConfig, got dict: build it with"):
+        train(dict(BASE), progress=False, log=None)
+
+
+def test_a_grid_point_resolves_to_one_trainconfig():
+    from mupp.lab.grid import canonical, resolve
+
+    cfg = resolve(dict(BASE, lr=0.1), {"setting": "mup-global/sam/DP/looksam5", "rho": 0.0})
+    assert isinstance(cfg, TrainConfig)
+    assert (cfg.parameterization, cfg.rule, cfg.every, cfg.reuse) == (
+        "mup-global",
+        "DP",
+        5,
+        "looksam",
+    )
+    shared = canonical(cfg)  # rho = 0: every μP parameterization trains the same SGD run
+    assert (shared.parameterization, shared.rule, shared.every, shared.reuse) == (
+        "mupp",
+        "LP",
+        1,
+        None,
+    )
+    with pytest.raises(ValueError, match="nosuch"):
+        resolve(BASE, {"nosuch": 1})

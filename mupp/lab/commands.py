@@ -42,7 +42,7 @@ from .checks import (
     token_batches,
 )
 from .config import TrainConfig, load_config_file, load_preset
-from .grid import expand_point, grid_points
+from .grid import grid_points, resolve
 from .plots import plot_coordcheck, plot_demo, plot_sweep
 from .statistics import format_statistics, run_statistics
 from .storage import StorageUnreachable, storage_retry_seconds, storage_url
@@ -543,7 +543,7 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict, list | None]:
         order = list(order) + [k for k in grid if k not in order]
     for point in grid_points(grid, order):  # every point is valid before any work starts
         try:
-            TrainConfig.from_dict({**base, **expand_point(point)})
+            resolve(base, point)
         except (TypeError, ValueError) as e:
             raise ValueError(f"grid point {point}: {e}") from None
     return base, grid, order

@@ -121,6 +121,19 @@ def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def resolve(base: Mapping[str, Any], point: Mapping[str, Any]) -> TrainConfig:
+    """The configuration a grid point trains: the sweep's base options with the point's
+    (:func:`expand_point`), as a :class:`TrainConfig`; an unknown or mistyped option raises
+    naming it.  Every layer after the grid passes this object, not dicts."""
+    return TrainConfig.from_dict({**base, **expand_point(point)})
+
+
+def canonical(cfg: TrainConfig) -> TrainConfig:
+    """:func:`canonical_config` of a :class:`TrainConfig`: the run that equivalent grid
+    points share."""
+    return TrainConfig.from_dict(canonical_config(cfg.to_dict()))
+
+
 def point_key(params: Mapping[str, Any]) -> str:
     """A short stable identifier of a grid point (16 hex digits of the SHA-1 of its sorted
     JSON): the trial's ``point`` attribute and the run directory's name."""

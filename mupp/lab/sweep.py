@@ -41,13 +41,7 @@ from tqdm import tqdm
 from . import vectorized
 from .checkpoint import RECORD_FILE
 from .config import TrainConfig, differing_keys, with_defaults
-from .grid import (
-    canonical_config,
-    expand_point,
-    grid_points,
-    point_key,
-    run_key,
-)
+from .grid import canonical, grid_points, point_key, resolve, run_key
 from .storage import (
     GRACE_PERIOD,
     HEARTBEAT_INTERVAL,
@@ -237,19 +231,19 @@ def _pop_group(study, storage, grid, lock, base, first, limit: int):
     :func:`mupp.lab.vectorized.group_key`), up to ``limit``.  Returns ``(group, carry)``:
     ``carry`` is a popped trial of another group (it opens the next one) or ``None``."""
     popped = [first]
-    key = vectorized.group_key({**base, **expand_point(first[1])})
+    key = vectorized.group_key(resolve(base, first[1]))
     while len(popped) < limit:
         nxt = _pop(study, storage, grid, lock)
         if nxt is None:
             return popped, None
-        if vectorized.group_key({**base, **expand_point(nxt[1])}) != key:
+        if vectorized.group_key(resolve(base, nxt[1])) != key:
             return popped, nxt  # queue order keeps lr/rho together: this one opens the next group
         popped.append(nxt)
     return popped, None
 
 
 def _train_popped(
-    cfgs: list[dict[str, Any]], out_dir: str, progress: bool, keep_checkpoints: bool, study
+    cfgs: list[TrainConfig], out_dir: str, progress: bool, keep_checkpoints: bool, study
 ) -> list[dict[str, Any]]:
     """Results of the popped configurations: one vectorized group when there are several
     (:func:`_pop_group` only groups compatible ones), else one resumable run."""
@@ -292,12 +286,12 @@ def worker(
         if first is None:
             break
         popped = [first]
-        cfg0 = {**base, **expand_point(first[1])}
-        auto = str(cfg0.get("device", "cpu")).startswith("cuda")
+        cfg0 = resolve(base, first[1])
+        auto = cfg0.device.startswith("cuda")
         if (auto if vectorize is None else vectorize) and vectorized.supports(cfg0):
             limit = group_size if max_trials is None else min(group_size, max_trials - finished)
             popped, carry = _pop_group(study, storage, grid, lock, base, first, limit)
-        cfgs = [{**base, **expand_point(params)} for _, params in popped]
+        cfgs = [resolve(base, params) for _, params in popped]
         try:
             with heartbeats(storage, [t._trial_id for t, _ in popped]):
                 results = _train_popped(cfgs, out_dir, progress, keep_checkpoints, study)
@@ -312,7 +306,7 @@ def worker(
 
 
 def _train_shared(
-    config: Mapping[str, Any],
+    config: TrainConfig,
     runs_dir: Path,
     progress: bool,
     keep_checkpoints: bool = False,
@@ -321,8 +315,8 @@ def _train_shared(
     """Train the canonical form of ``config`` (:func:`canonical_config`) in its run directory,
     or reuse the record of an equivalent grid point that already finished it: in the study
     (finished trials carry their records) or in the run directory."""
-    cfg = canonical_config(config)
-    want = TrainConfig.from_dict(cfg).to_dict()
+    cfg = canonical(config)
+    want = cfg.to_dict()
 
     def same_run(result: dict | None) -> bool:
         return result is not None and with_defaults(result.get("config", {})) == want
@@ -331,7 +325,7 @@ def _train_shared(
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             if same_run(t.user_attrs.get("result")):
                 return t.user_attrs["result"]
-    run_dir = runs_dir / run_key(cfg)
+    run_dir = runs_dir / run_key(want)
     done = run_dir / RECORD_FILE
     if done.is_file():
         try:
@@ -378,7 +372,8 @@ def _worker_entry(
         worker(url, out_dir, vectorize=vectorize, keep_checkpoints=keep_checkpoints)
     except Preempted as stopped:  # run checkpointed, trial re-queued: exit as the signal would
         sys.exit(128 + stopped.signum)
-    except (SweepFailed, StorageUnreachable, ValueError) as e:  # one line; the parent sums up
+    # one line each (a full disk, a read-only mount, the server away); the parent sums up
+    except (SweepFailed, StorageUnreachable, ValueError, OSError) as e:
         print(f"mupp sweep worker {os.getpid()}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 

@@ -443,7 +443,7 @@ def _write_result(out: Path, result: Mapping[str, Any]) -> None:
 
 
 def train(
-    config: TrainConfig | Mapping[str, Any],
+    config: TrainConfig,
     out_dir: str | os.PathLike | None = None,
     *,
     resume: bool = False,
@@ -466,7 +466,12 @@ def train(
     ``stop_after_epochs`` ends this call after that many epochs (the run stays resumable).
     Under ``torchrun``, ``parallel`` picks DistributedDataParallel or FSDP2; rank 0 logs.
     """
-    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if not isinstance(config, TrainConfig):
+        raise TypeError(
+            f"train takes a TrainConfig, got {type(config).__name__}: build it with "
+            "TrainConfig(...) or TrainConfig.from_dict(options)"
+        )
+    cfg = config
     cfg.validate()
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and out.exists() and not out.is_dir():

@@ -43,21 +43,25 @@ VARYING = ("lr", "rho", "seed")
 DIRECTION_VARIANTS = ("sam", "last-layer", "first-layer", "sam-on")
 
 
-def supports(cfg: TrainConfig | dict) -> bool:
+def supports(cfg: TrainConfig) -> bool:
     """Whether a configuration can join a vectorized group: the MLP with SGD and a variant
     whose ascent direction is the gradient (:data:`DIRECTION_VARIANTS`), two passes every step
     (not the cheap options ``ascent``/``every``)."""
-    c = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg)
-    two_pass = c.ascent == "gradient" and c.every == 1
+    two_pass = cfg.ascent == "gradient" and cfg.every == 1
     return (
-        c.model == "mlp" and c.optimizer == "sgd" and c.variant in DIRECTION_VARIANTS and two_pass
+        cfg.model == "mlp"
+        and cfg.optimizer == "sgd"
+        and cfg.variant in DIRECTION_VARIANTS
+        and two_pass
     )
 
 
-def group_key(cfg: dict[str, Any]) -> str:
+def group_key(cfg: TrainConfig) -> str:
     """Configurations with equal keys can train together (they differ only in :data:`VARYING`)."""
     return json.dumps(
-        {k: v for k, v in sorted(cfg.items()) if k not in VARYING}, sort_keys=True, default=str
+        {k: v for k, v in sorted(cfg.to_dict().items()) if k not in VARYING},
+        sort_keys=True,
+        default=str,
     )
 
 
@@ -267,7 +271,7 @@ def model_outputs(model: torch.nn.Module) -> int:
 def _check_group(cfgs: list[TrainConfig]) -> None:
     if not cfgs:
         raise ValueError("configs is empty")
-    if len({group_key(c.to_dict()) for c in cfgs}) != 1:
+    if len({group_key(c) for c in cfgs}) != 1:
         raise ValueError(f"configs must differ only in {VARYING}")
     if not all(supports(c) for c in cfgs):
         raise ValueError(
@@ -276,13 +280,13 @@ def _check_group(cfgs: list[TrainConfig]) -> None:
 
 
 def train_group(
-    configs: Sequence[TrainConfig | dict],
+    configs: Sequence[TrainConfig],
     dataset: data_mod.Dataset | None = None,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Train the configurations together; returns one result record per configuration
     (:func:`mupp.lab.train.summarize`; ``wall_time`` is the group's, divided by K)."""
-    cfgs = [c if isinstance(c, TrainConfig) else TrainConfig.from_dict(c) for c in configs]
+    cfgs = list(configs)
     _check_group(cfgs)
     cfg = cfgs[0]
     ds = dataset if dataset is not None else data_mod.load(cfg.dataset, cfg.data_dir, seed=cfg.seed)
