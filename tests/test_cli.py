@@ -85,3 +85,34 @@ def test_models_widths_that_are_not_numbers_get_one_line(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "expected comma-separated numbers, got 'abc'" in err and "lambda" not in err
+
+
+def test_coordcheck_knobs_left_unset_take_the_running_checks_own_defaults(monkeypatch, capsys):
+    """One default per parameter: `--compare-last-layer` without knobs runs App. H.1's check
+    with last_layer_equivalence's defaults, not coordcheck's; given knobs pass through."""
+    import functools
+    import inspect
+
+    from mupp.lab import commands
+
+    seen = {}
+    real = commands.last_layer_equivalence
+
+    @functools.wraps(real)  # its signature: the defaults' home
+    def fake(model, widths, **kw):
+        call = inspect.signature(real).bind(model, widths, **kw)
+        call.apply_defaults()  # what the real check would run with
+        seen.update(call.arguments)
+        return {"widths": list(widths), "gap": [0.5] * len(widths), "slope": -0.5}
+
+    monkeypatch.setattr(commands, "last_layer_equivalence", fake)
+    assert main(["coordcheck", "--compare-last-layer"]) == 0
+    assert seen["widths"] == (64, 256, 1024) and seen["steps"] == 50 and seen["lr"] == 0.05
+    seen.clear()
+    assert main(["coordcheck", "--compare-last-layer", "--steps", "7", "--widths", "32,64"]) == 0
+    assert seen["widths"] == [32, 64] and seen["steps"] == 7 and seen["lr"] == 0.05
+    capsys.readouterr()
+    assert main(["coordcheck", "--help-defaults"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("coordcheck: widths=(64, 128, 256, 512), steps=10")
+    assert out[1].startswith("last_layer_equivalence: widths=(64, 256, 1024), steps=50")

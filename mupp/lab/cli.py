@@ -328,13 +328,21 @@ def _add_coordcheck(sub: argparse._SubParsersAction) -> None:
         "--flatten", action="store_true", help="with MODULE:FUNCTION: feed images as vectors"
     )
     add_sam_args(c)
-    c.add_argument("--widths", type=float_list, default=[64, 128, 256, 512])
+    # left unset, each takes the default of the check that runs (one default, in Python):
+    # mupp.lab.checks.coordcheck, or last_layer_equivalence with --compare-last-layer
+    check = "(default: the check's own; --help-defaults lists them)"
+    c.add_argument("--widths", type=float_list, default=None, help=f"e.g. 64,256,1024 {check}")
     c.add_argument("--base-width", type=float, default=None)
-    c.add_argument("--steps", type=int, default=10)
-    c.add_argument("--seeds", type=int, default=2)
-    c.add_argument("--lr", type=float, default=0.1)
-    c.add_argument("--rho", type=float, default=0.1)
-    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--steps", type=int, default=None, help=check)
+    c.add_argument("--seeds", type=int, default=None, help=check)
+    c.add_argument("--lr", type=float, default=None, help=check)
+    c.add_argument("--rho", type=float, default=None, help=check)
+    c.add_argument("--batch-size", type=int, default=None, help=check)
+    c.add_argument(
+        "--help-defaults",
+        action="store_true",
+        help="print the defaults of coordcheck and --compare-last-layer, and exit",
+    )
     c.add_argument("--dataset", default="synthetic", choices=["cifar10", "cifar100", "synthetic"])
     c.add_argument("--data-dir", default=None)
     c.add_argument("--json", default=None, help="write the result as JSON")

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -153,37 +153,49 @@ def load_factory(spec: str) -> Callable[..., Any]:
     return fn
 
 
-def _user_coordcheck(args: argparse.Namespace) -> dict:
+# the knobs of `mupp coordcheck` whose defaults belong to the check that runs
+_CHECK_KNOBS = ("widths", "steps", "seeds", "lr", "rho", "batch_size")
+
+
+def _defaults(check: Callable) -> dict[str, Any]:
+    """The defaults of a check's knobs (:data:`_CHECK_KNOBS`), read from its signature."""
+    params = inspect.signature(check).parameters
+    return {k: params[k].default for k in _CHECK_KNOBS}
+
+
+def _user_coordcheck(args: argparse.Namespace, knobs: Mapping[str, Any]) -> dict:
     """``coordcheck --model pkg.mod:make``: the user's ``make(width)`` with SGD-based SAM on the
-    chosen dataset (images flattened with ``--flatten``)."""
+    chosen dataset (images flattened with ``--flatten``); ``knobs``: widths, steps, seeds, lr,
+    rho and batch size."""
     make = load_factory(args.model)
     ds = data.load(args.dataset, args.data_dir)
+    lr, rho = knobs["lr"], knobs["rho"]
 
     def batches(seed):
         return infinite_batches(
-            ds, args.batch_size, torch.Generator().manual_seed(seed), args.flatten
+            ds, knobs["batch_size"], torch.Generator().manual_seed(seed), args.flatten
         )
 
     def make_optimizer(model):
-        return sgd_sam(model, args.parameterization, args.variant, args.rule, args.lr, args.rho)
+        return sgd_sam(model, args.parameterization, args.variant, args.rule, lr, rho)
 
     config = dict(
         model=args.model,
         parameterization=args.parameterization,
         variant=args.variant,
         rule=args.rule,
-        lr=args.lr,
-        rho=args.rho,
+        lr=lr,
+        rho=rho,
         dataset=args.dataset,
     )
     try:
         return coord_data(
             lambda w: make_checked(make, w),
-            args.widths,
+            list(knobs["widths"]),
             make_optimizer,
             batches,
-            steps=args.steps,
-            seeds=args.seeds,
+            steps=knobs["steps"],
+            seeds=knobs["seeds"],
             progress=True,
             config=config,
         )
@@ -207,24 +219,23 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
     """``mupp coordcheck``: per-layer perturbation and update scaling across widths (Fig. 2), or
     the distance of μP-global SAM from last-layer SAM (``--compare-last-layer``, App. H.1)."""
 
+    check = last_layer_equivalence if args.compare_last_layer else coordcheck
+    if args.help_defaults:
+        for fn in (coordcheck, last_layer_equivalence):
+            print(f"{fn.__name__}: " + ", ".join(f"{k}={v}" for k, v in _defaults(fn).items()))
+        return 0
+    given = {k: getattr(args, k) for k in _CHECK_KNOBS if getattr(args, k) is not None}
+    if "widths" in given:
+        given["widths"] = [int(w) if float(w).is_integer() else w for w in given["widths"]]
     if ":" in args.model:
         if args.compare_last_layer:
             raise ValueError("--compare-last-layer runs on the built-in models only")
-        result = _user_coordcheck(args)
+        result = _user_coordcheck(args, {**_defaults(coordcheck), **given})
         print(format_tables(result))
         _write_coordcheck(result, args)
         return 0
-    widths = [int(w) if float(w).is_integer() else w for w in args.widths]
-    common = dict(
-        base_width=args.base_width,
-        steps=args.steps,
-        seeds=args.seeds,
-        lr=args.lr,
-        rho=args.rho,
-        batch_size=args.batch_size,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-    )
+    widths = given.pop("widths", _defaults(check)["widths"])
+    common = dict(given, base_width=args.base_width, dataset=args.dataset, data_dir=args.data_dir)
     if args.compare_last_layer:
         res = last_layer_equivalence(args.model, widths, **common)
         print(
