@@ -179,12 +179,21 @@ def test_every_public_function_and_class_has_a_docstring():
     assert missing == []
 
 
-def test_no_function_in_the_lab_runs_past_80_lines():
+def _code_lines(fn: ast.FunctionDef) -> int:
+    """The length of a function's body, its docstring aside (a long signature of keyword
+    arguments is not logic)."""
+    body = fn.body
+    has_doc = ast.get_docstring(fn) is not None and len(body) > 1
+    return fn.end_lineno - body[1 if has_doc else 0].lineno + 1
+
+
+def test_no_function_in_the_package_runs_past_80_lines_of_code():
+    """The cap covers the library and the lab alike (bodies, docstrings aside)."""
     long = [
-        f"{_module_name(p)}.{n.name}: {n.end_lineno - n.lineno + 1} lines"
-        for p in _modules(LAB)
+        f"{_module_name(p)}.{n.name}: {_code_lines(n)} lines"
+        for p in _modules(ROOT)
         for n in ast.walk(ast.parse(p.read_text()))
-        if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 > 80
+        if isinstance(n, ast.FunctionDef) and _code_lines(n) > 80
     ]
     assert long == []
 

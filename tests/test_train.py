@@ -223,6 +223,7 @@ def test_text_configurations_are_checked_at_the_door(bad, message):
         TrainConfig.from_dict(bad).validate()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_mid_epoch_checkpoints_the_step_and_resumes_bitwise(tmp_path, monkeypatch, signum):
     """SIGTERM or SIGINT inside an epoch: the step finishes, the checkpoint keeps the position
