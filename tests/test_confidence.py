@@ -7,7 +7,6 @@ import pytest
 
 from mupp.lab import confidence
 from mupp.lab.analysis import aggregate, format_transfer, rows_from_records, transfer_summary
-from mupp.lab.grid import canonical_config, expand_point, format_pass_plan, grid_points, run_key
 
 T2 = 4.302652729911275  # t_{0.975, 2}
 
@@ -199,93 +198,6 @@ def test_an_optimum_inside_the_tie_has_not_moved():
     assert s["optimum"][1024]["tied"] == [[0.1, 0.2], [0.2, 0.2]]
 
 
-def test_settings_axis_expands_and_equivalent_points_share_a_run():
-    assert expand_point({"setting": "mup-global/last-layer", "lr": 0.1}) == {
-        "lr": 0.1,
-        "parameterization": "mup-global",
-        "variant": "last-layer",
-    }
-    assert expand_point({"setting": "sp"})["variant"] == "sam"
-    assert expand_point({"setting": "mupp/sam/DP"}) == {
-        "parameterization": "mupp",
-        "variant": "sam",
-        "rule": "DP",
-    }
-    for bad in ("", "mupp//DP", "a/b/c/d/e", 3):
-        with pytest.raises(ValueError, match="PARAMETERIZATION/VARIANT/RULE"):
-            expand_point({"setting": bad})
-    # the 4th part, a pass plan, round-trips through the names the analysis prints
-    plans = {
-        "two-pass": {},
-        "momentum": {"ascent": "momentum"},
-        "looksam5": {"every": 5, "reuse": "looksam"},
-        "every3": {"every": 3},
-    }
-    for name, options in plans.items():
-        point = expand_point({"setting": f"mupp/sam/LP/{name}"})
-        assert point == {"parameterization": "mupp", "variant": "sam", "rule": "LP", **options}
-        assert format_pass_plan(point) == name
-    for bad in ("looksam0", "every", "lookahead5", "momentum2"):
-        with pytest.raises(ValueError, match="pass plan must be 'two-pass', 'momentum'"):
-            expand_point({"setting": f"mupp/sam/LP/{bad}"})
-    # without perturbation there is no pass plan: every SGD point is the same run
-    cheap = canonical_config(
-        {"base_width": 64, "width": 256, "rule": "LP", "rho": 0.0, **plans["looksam5"]}
-    )
-    assert "every" not in cheap and "reuse" not in cheap
-    base = {"base_width": 64, "width": 256, "rule": "LP"}
-    sgd = [
-        canonical_config({**base, **expand_point({"setting": s, "rho": 0.0})})
-        for s in ("mup-global", "mupp", "mup-global/last-layer")
-    ]
-    assert sgd[0] == sgd[1] == sgd[2]  # every μP SGD run is the same run
-    sp = canonical_config({**base, **expand_point({"setting": "sp", "rho": 0.0})})
-    assert sp != sgd[0]
-    at_base = [
-        canonical_config({**base, "width": 64, **expand_point({"setting": s, "rho": 0.1})})
-        for s in ("sp", "mup-global", "mupp")
-    ]
-    assert at_base[0] == at_base[1] == at_base[2]
-    dp = {**base, "width": 64, "rule": "DP", **expand_point({"setting": "mupp", "rho": 0.1})}
-    assert canonical_config(dp) == at_base[2]  # Remark F.4's factors are all 1 at base width
-    assert canonical_config({**dp, "width": 256})["rule"] == "DP"
-    ll = canonical_config({**base, "width": 64, **expand_point({"setting": "mupp/last-layer"})})
-    assert ll["variant"] == "last-layer"
-
-
-def test_queue_order_puts_the_named_axes_first():
-    grid = {"lr": [0.05, 0.1], "seed": [0, 1], "rho": [0.0, 0.1]}
-    pts = grid_points(grid, order=["lr", "seed", "rho"])
-    assert pts[:2] == [{"lr": 0.05, "seed": 0, "rho": 0.0}, {"lr": 0.05, "seed": 0, "rho": 0.1}]
-    assert pts[4]["lr"] == 0.1
-    with pytest.raises(ValueError, match="every grid axis"):
-        grid_points(grid, order=["lr", "rho"])
-
-
-def test_a_finished_equivalent_run_is_reused_not_retrained(tmp_path, monkeypatch):
-    """A point equivalent to a finished one (here: μP-global SGD after μP² SGD, recorded by
-    an older mupp without a newer option) takes the finished record: nothing trains."""
-    from types import SimpleNamespace
-
-    from mupp.lab import sweep
-    from mupp.lab.config import TrainConfig
-
-    base = dict(dataset="synthetic", width=32, base_width=16, epochs=1, rho=0.0)
-    stored = TrainConfig.from_dict({**base, "parameterization": "mupp"}).to_dict()
-    del stored["last_layer_fast"]  # a record written before that option existed
-    record = {"config": stored, "best_test_acc": 0.5, "diverged": False}
-    trial = SimpleNamespace(user_attrs={"result": record})
-    study = SimpleNamespace(get_trials=lambda deepcopy, states: [trial])
-    monkeypatch.setattr(sweep, "train", lambda *a, **k: pytest.fail("trained again"))
-    got = sweep._train_shared(
-        TrainConfig.from_dict({**base, "parameterization": "mup-global"}),
-        tmp_path,
-        False,
-        study=study,
-    )
-    assert got is record
-
-
 def test_rows_name_the_rule_when_it_is_not_lp():
     recs = [rec("mupp", 16, 0.1, 0.1, 0.5, 0), rec("mupp/last-layer", 16, 0.1, 0.1, 0.5, 0)]
     recs.append({**rec("mupp", 16, 0.1, 0.1, 0.5, 0), "params": {"setting": "mupp/sam/DP"}})
@@ -295,18 +207,6 @@ def test_rows_name_the_rule_when_it_is_not_lp():
     rows = rows_from_records(recs)
     assert [r["setting"] for r in rows] == ["mupp", "mupp/last-layer", "mupp/sam/DP", "mupp/sam/DP"]
     assert [r["rule"] for r in rows] == ["LP", "LP", "DP", "DP"]
-
-
-def test_run_directories_identify_configurations_by_value():
-    base = {"model": "mlp", "base_width": 64, "width": 64, "rho": 0.1, "seed": 0}
-    lp_implicit = canonical_config({**base, **expand_point({"setting": "mupp"})})
-    dp = canonical_config({**base, **expand_point({"setting": "mupp/sam/DP"})})
-    assert "rule" not in lp_implicit and dp["rule"] == "LP"  # spelled differently ...
-    assert run_key(lp_implicit) == run_key(dp)  # ... one run directory
-    assert run_key({**lp_implicit, "rho": 0.1, "width": 64.0}) == run_key(lp_implicit)
-    assert run_key({**lp_implicit, "rho": 0}) == run_key({**lp_implicit, "rho": 0.0})
-    assert run_key({**lp_implicit, "rule": "DP"}) != run_key(lp_implicit)
-    assert run_key({**lp_implicit, "width": 256}) != run_key(lp_implicit)
 
 
 def test_metric_loss_maximizes_minus_the_validation_loss():

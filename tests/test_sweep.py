@@ -12,7 +12,10 @@ import pytest
 from mupp.lab import sweep
 from mupp.lab.analysis import rows_from_records, transfer_summary
 from mupp.lab.cli import main
-from mupp.lab.grid import grid_points, point_key
+from mupp.lab.grid import (
+    grid_points,
+    point_key,
+)
 from mupp.lab.plots import plot_sweep
 from mupp.lab.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, make_storage, pop_lock, storage_url
 
@@ -517,3 +520,27 @@ def test_a_worker_that_fails_prints_one_line_and_exits_1(monkeypatch, capsys, er
     err = capsys.readouterr().err
     assert err.startswith("mupp sweep worker ") and str(error) in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_finished_equivalent_run_is_reused_not_retrained(tmp_path, monkeypatch):
+    """A point equivalent to a finished one (here: μP-global SGD after μP² SGD, recorded by
+    an older mupp without a newer option) takes the finished record: nothing trains."""
+    from types import SimpleNamespace
+
+    from mupp.lab import sweep
+    from mupp.lab.config import TrainConfig
+
+    base = dict(dataset="synthetic", width=32, base_width=16, epochs=1, rho=0.0)
+    stored = TrainConfig.from_dict({**base, "parameterization": "mupp"}).to_dict()
+    del stored["last_layer_fast"]  # a record written before that option existed
+    record = {"config": stored, "best_test_acc": 0.5, "diverged": False}
+    trial = SimpleNamespace(user_attrs={"result": record})
+    study = SimpleNamespace(get_trials=lambda deepcopy, states: [trial])
+    monkeypatch.setattr(sweep, "train", lambda *a, **k: pytest.fail("trained again"))
+    got = sweep._train_shared(
+        TrainConfig.from_dict({**base, "parameterization": "mup-global"}),
+        tmp_path,
+        False,
+        study=study,
+    )
+    assert got is record
