@@ -126,11 +126,11 @@ def test_subpackages_are_attributes_of_mupp_loaded_on_first_use():
 
 def test_old_import_forms_keep_working():
     from mupp.cli import main
-    from mupp.sweep import canonical_config, run_sweep
+    from mupp.sweep import load_results, run_sweep
     from mupp.train import TrainConfig, train
 
     assert main.__module__ == "mupp.lab.cli"
-    assert callable(train) and callable(run_sweep) and callable(canonical_config)
+    assert callable(train) and callable(run_sweep) and callable(load_results)
     assert TrainConfig().model == "mlp"
 
 

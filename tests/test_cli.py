@@ -116,3 +116,32 @@ def test_coordcheck_knobs_left_unset_take_the_running_checks_own_defaults(monkey
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("coordcheck: widths=(64, 128, 256, 512), steps=10")
     assert out[1].startswith("last_layer_equivalence: widths=(64, 256, 1024), steps=50")
+
+
+def test_every_trainconfig_option_is_a_train_flag_declared_once(monkeypatch):
+    """The flags of `mupp train` come from TrainConfig's fields: every scalar, switch and
+    choice field has one, with its help and its choices, and a given flag reaches the run."""
+    import dataclasses
+
+    from mupp.lab import commands
+    from mupp.lab.cli import build_parser
+    from mupp.lab.config import TrainConfig, train_options
+
+    options = {o.name: o for o in train_options()}
+    assert set(options) == {f.name for f in dataclasses.fields(TrainConfig)} - {"model_kwargs"}
+    assert options["rule"].choices == ("LP", "DP", "LN", "unnormalized")
+    assert all(o.help for o in options.values())
+    seen = {}
+    record = dict(best_test_acc=0.5, best_epoch=1, final_test_acc=0.5, diverged=False, wall_time=0)
+
+    def fake_train(cfg, *args, **kwargs):
+        seen["cfg"] = cfg
+        return record
+
+    monkeypatch.setattr(commands, "train", fake_train)
+    args = build_parser().parse_args(
+        ["train", "--dataset", "synthetic", "--rule", "DP", "--no-last-layer-fast", "--nesterov"]
+    )
+    assert commands.cmd_train(args) == 0
+    cfg = seen["cfg"]
+    assert (cfg.rule, cfg.last_layer_fast, cfg.nesterov) == ("DP", False, True)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from .. import __version__
 from ..choices import ASCENTS, METRICS, MODEL_NAMES, PARAMETERIZATIONS, REUSES, RULES, VARIANTS
 from . import commands
-from .config import preset_names
+from .config import preset_names, train_options
 
 
 def float_list(text: str) -> list[float]:
@@ -164,13 +164,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     """``mupp train``: every TrainConfig field as a flag, plus ``--set``."""
     t = sub.add_parser("train", help="one training run from flags or a TOML/YAML config")
     t.add_argument("--config", default=None, help="TOML/YAML file (a [train] table or flat keys)")
-    for name, (typ, hlp) in commands.TRAIN_FLAGS.items():
-        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=hlp)
-    t.add_argument("--parameterization", default=None)
-    t.add_argument("--variant", default=None)
-    t.add_argument("--rule", default=None)
-    t.add_argument("--nesterov", action="store_true")
-    t.add_argument("--augment", action="store_true", help="random crop + horizontal flip")
+    for o in train_options():  # declared once, in TrainConfig
+        flag = "--" + o.name.replace("_", "-")
+        if o.type is bool:
+            t.add_argument(
+                flag, dest=o.name, action=argparse.BooleanOptionalAction, default=None, help=o.help
+            )
+        else:  # choices are checked by TrainConfig, whose error is one line naming them
+            hlp = o.help + (f": {' | '.join(map(str, o.choices))}" if o.choices else "")
+            t.add_argument(flag, dest=o.name, type=o.type, default=None, help=hlp)
     t.add_argument(
         "--set",
         action="append",

@@ -41,7 +41,7 @@ from .checks import (
     sgd_sam,
     token_batches,
 )
-from .config import TrainConfig, load_config_file, load_preset
+from .config import TrainConfig, load_config_file, load_preset, train_options
 from .grid import grid_points, resolve
 from .plots import plot_coordcheck, plot_demo, plot_sweep
 from .statistics import format_statistics, run_statistics
@@ -395,36 +395,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------ train / sweep
 
-TRAIN_FLAGS = {
-    # flag: (type, help)
-    "model": (str, " | ".join(MODEL_NAMES)),
-    "width": (
-        float,
-        "the model's width: MLP hidden units, ViT embedding size, ResNet first-stage channels",
-    ),
-    "base_width": (float, "base width of the μP scaling"),
-    "dataset": (str, "cifar10 | cifar100 | synthetic"),
-    "data_dir": (str, "where the dataset lives"),
-    "train_subset": (int, "use the first N training images"),
-    "test_subset": (int, "use the first N test images"),
-    "optimizer": (str, "sgd | adamw"),
-    "lr": (float, "base learning rate η"),
-    "rho": (float, "perturbation radius ρ (0: base optimizer only)"),
-    "momentum": (float, "SGD momentum"),
-    "weight_decay": (float, "weight decay"),
-    "schedule": (str, "constant | cosine"),
-    "warmup_epochs": (float, "linear warmup epochs"),
-    "label_smoothing": (float, "label smoothing"),
-    "batch_size": (int, "batch size"),
-    "epochs": (int, "epochs"),
-    "seed": (int, "seed"),
-    "device": (str, "cpu | cuda"),
-    "ascent": (str, "gradient (two passes) | momentum (Momentum-SAM: one pass)"),
-    "every": (int, "a full SAM step every K steps (one pass between)"),
-    "reuse": (str, "looksam: LookSAM's reused gradient change between full steps"),
-    "reuse_scale": (float, "LookSAM's α"),
-}
-
 
 def _parse_value(text: str):
     try:
@@ -451,17 +421,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     """``mupp train``: one run from flags, a config file and ``--set`` (later ones win)."""
     config = load_config_file(args.config) if args.config else {}
     config = dict(config.get("train", config))
-    for name in TRAIN_FLAGS:
-        v = getattr(args, name, None)
+    for o in train_options():  # the flags given override the config file
+        v = getattr(args, o.name, None)
         if v is not None:
-            config[name] = v
-    for flag in ("parameterization", "variant", "rule"):
-        if getattr(args, flag) is not None:
-            config[flag] = getattr(args, flag)
-    if args.nesterov:
-        config["nesterov"] = True
-    if args.augment:
-        config["augment"] = True
+            config[o.name] = v
     _apply_sets(config, args.set)
     cfg = TrainConfig.from_dict(config)
     if args.resume and args.restart:

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 import yaml
@@ -47,6 +48,14 @@ Schedule = Literal["constant", "cosine"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
+def option(default: Any, help: str) -> Any:
+    """A :class:`TrainConfig` field: its default (a callable makes a fresh one per config) and
+    the help text its ``mupp train`` flag shows (:func:`train_options`)."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 # (model, width, base_width, model_kwargs) that TrainConfig.validate has built in this process
 _BUILT_ARCHITECTURES: set[tuple] = set()
 
@@ -55,47 +64,48 @@ _BUILT_ARCHITECTURES: set[tuple] = set()
 class TrainConfig:
     """Everything that defines a run.  ``rho = 0`` trains with the base optimizer alone."""
 
-    model: ModelName = "mlp"
-    width: float = 256
-    base_width: float | None = 64
-    model_kwargs: dict = field(default_factory=dict)
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    train_subset: int | None = None
-    test_subset: int | None = None
-    block_size: int = 64  # text: characters per training window (the GPT's context)
-    text_file: str | None = None  # text: any plain-text file as the corpus (no checksum)
-    label_noise: float = 0.0  # fraction of training labels flipped to another class
-    label_noise_seed: int = 0  # which labels: fixed across training seeds by default
-    parameterization: Parameterization = "mupp"
-    variant: Variant = "sam"
-    rule: Rule = "LP"
-    optimizer: Optimizer = "sgd"
-    lr: float = 0.1
-    rho: float = 0.1
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    schedule: Schedule = "constant"
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    augment: bool = False
-    batch_size: int = 64
-    epochs: int = 20
-    seed: int = 0
-    device: str = "cpu"
-    perturbation_sync: PerturbationSync = (
-        "sync"  # under torchrun: "sync" (global ε) or "local" (per worker)
+    model: ModelName = option("mlp", "the architecture")
+    width: float = option(
+        256, "the model's width: MLP hidden units, ViT embedding size, ResNet first-stage channels"
     )
-    parallel: Parallel = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 shards)
-    # last-layer SAM in one forward and one backward (mupp.optim.lastlayer), on one process
-    last_layer_fast: bool = True
-    # cheap SAM (mupp.SAM's options of the same names): "momentum" perturbs along the momentum
-    # (one pass); every=k takes a full SAM step every k steps, reuse="looksam" (LookSAM) between
-    ascent: Ascent = "gradient"
-    every: int = 1
-    reuse: Reuse | None = None
-    reuse_scale: float = 0.7
+    base_width: float | None = option(64, "base width of the μP scaling")
+    model_kwargs: dict = option(dict, 'keyword arguments of the model, e.g. {"bias": true}')
+    dataset: str = option("cifar10", " | ".join(DATASETS))
+    data_dir: str | None = option(None, "where the dataset lives")
+    train_subset: int | None = option(None, "use the first N training examples")
+    test_subset: int | None = option(None, "use the first N test examples")
+    block_size: int = option(64, "text: characters per training window (the GPT's context)")
+    text_file: str | None = option(None, "text: any plain-text file as the corpus (no checksum)")
+    label_noise: float = option(0.0, "fraction of training labels flipped to another class")
+    label_noise_seed: int = option(0, "which labels are flipped (fixed across training seeds)")
+    parameterization: Parameterization = option("mupp", "how η and ρ scale with width")
+    variant: Variant = option("sam", "which SAM (App. F.4, H.1)")
+    rule: Rule = option("LP", "the perturbation's normalization (Def. 4, Remark F.4)")
+    optimizer: Optimizer = option("sgd", "the base optimizer")
+    lr: float = option(0.1, "base learning rate η")
+    rho: float = option(0.1, "perturbation radius ρ (0: base optimizer only)")
+    momentum: float = option(0.0, "SGD momentum")
+    nesterov: bool = option(False, "Nesterov momentum")
+    weight_decay: float = option(0.0, "weight decay")
+    schedule: Schedule = option("constant", "the learning-rate schedule")
+    warmup_epochs: float = option(0.0, "linear warmup epochs")
+    label_smoothing: float = option(0.0, "label smoothing")
+    augment: bool = option(False, "random crop + horizontal flip")
+    batch_size: int = option(64, "batch size (global, over every worker)")
+    epochs: int = option(20, "epochs")
+    seed: int = option(0, "seed: initialization and data order")
+    device: str = option("cpu", "cpu | cuda | cuda:N")
+    perturbation_sync: PerturbationSync = option(
+        "sync", 'under torchrun: "sync" (one global ε) or "local" (each worker its own)'
+    )
+    parallel: Parallel = option("ddp", "under torchrun: DDP replicas or FSDP2 shards")
+    last_layer_fast: bool = option(
+        True, "last-layer SAM in one forward and one backward (one process)"
+    )
+    ascent: Ascent = option("gradient", "gradient (two passes) | momentum (Momentum-SAM)")
+    every: int = option(1, "a full SAM step every K steps (one pass between)")
+    reuse: Reuse | None = option(None, "looksam: LookSAM's reused gradient between full steps")
+    reuse_scale: float = option(0.7, "LookSAM's α")
 
     @property
     def uses_sam(self) -> bool:
@@ -224,6 +234,34 @@ def _is_number(v: Any) -> bool:
 
 def _is_integer(v: Any) -> bool:
     return _is_number(v) and float(v).is_integer()
+
+
+@dataclass(frozen=True)
+class TrainOption:
+    """One :class:`TrainConfig` field as a command-line option: its value type (``bool``
+    for a switch), its allowed values where the field is a ``Literal``, and its help."""
+
+    name: str
+    type: type
+    choices: tuple[Any, ...] | None
+    help: str
+
+
+def train_options() -> list[TrainOption]:
+    """Every :class:`TrainConfig` field that a flag can set (numbers, strings, switches and
+    choices; a dict such as ``model_kwargs`` goes through ``--set``), read from the fields'
+    types and help: an option is declared once, in :class:`TrainConfig`."""
+    hints = get_type_hints(TrainConfig)
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        if get_origin(hint) in (Union, UnionType):  # X | None
+            hint = next(a for a in get_args(hint) if a is not type(None))
+        choices = get_args(hint) if get_origin(hint) is Literal else None
+        kind = type(choices[0]) if choices else hint
+        if kind in (bool, int, float, str):
+            out.append(TrainOption(f.name, kind, choices, f.metadata.get("help", "")))
+    return out
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
