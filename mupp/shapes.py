@@ -23,7 +23,10 @@ import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the mup view lives in mup_interop, which imports this module
+    from .mup_interop import InfShape
 
 import torch
 from torch import nn
@@ -53,65 +56,6 @@ def strip_prefixes(name: str) -> str:
                 name, changed = name[len(pre) :], True
             name = name.replace("." + pre, ".")
     return name
-
-
-# ---------------------------------------------------------------------------------------------
-# mup-compatible InfShape view
-# ---------------------------------------------------------------------------------------------
-
-
-class InfDim:
-    """One dimension; ``base_dim is None`` for a finite (non-width) dimension (as in mup)."""
-
-    def __init__(self, base_dim: int | None, dim: int):
-        self.base_dim = base_dim
-        self.dim = dim
-
-    def isinf(self) -> bool:
-        """Whether this dimension grows with width (mup's name)."""
-        return self.base_dim is not None
-
-    def width_mult(self) -> float:
-        """``dim / base_dim`` (1 for a fixed dimension)."""
-        return self.dim / self.base_dim if self.isinf() else 1.0
-
-    def __repr__(self) -> str:
-        return f"InfDim({self.base_dim}, {self.dim})"
-
-
-class InfShape(tuple):
-    """Tuple of :class:`InfDim` with the methods mup's optimizers call (``ninf``,
-    ``width_mult``, ``fanin_fanout``, ``fanin_fanout_mult_ratio``)."""
-
-    def ninf(self) -> int:
-        """How many dimensions grow with width."""
-        return sum(d.isinf() for d in self)
-
-    def width_mult(self) -> float:
-        """The multiplier of the last width-growing dimension (mup's convention)."""
-        for d in reversed(self):
-            if d.isinf():
-                return d.width_mult()
-        return 1.0
-
-    def fanin_fanout(self) -> tuple[InfDim, InfDim]:
-        """The fan-in and fan-out dimensions (mup's convention)."""
-        if len(self) < 2:
-            raise ValueError("fanin_fanout needs a tensor with at least 2 dimensions")
-        return self[1], self[0]
-
-    def fanin_fanout_mult_ratio(self) -> float:
-        """``fan_in_mult / fan_out_mult``."""
-        fi, fo = self.fanin_fanout()
-        return fi.width_mult() / fo.width_mult()
-
-    def base_shape(self) -> list[int | None]:
-        """The shape at base width."""
-        return [d.base_dim for d in self]
-
-    def shape(self) -> list[int]:
-        """The shape at this width."""
-        return [d.dim for d in self]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +107,8 @@ class WidthInfo:
     @property
     def infshape(self) -> InfShape:
         """A mup-style ``InfShape`` view of this record (for code written against mup)."""
+        from .mup_interop import InfDim, InfShape
+
         view = InfShape(
             InfDim(b if w else None, s)
             for b, s, w in zip(self.base_shape, self.shape, self.width_dims)
@@ -242,6 +188,8 @@ def _as_shapes(x: Any, what: str) -> dict[str, tuple[int | None, ...]]:
     if isinstance(x, nn.Module):
         return get_shapes(x)
     if isinstance(x, (str, os.PathLike)):
+        from .mup_interop import load_base_shapes
+
         return load_base_shapes(x)
     if isinstance(x, Mapping):
         return {strip_prefixes(k): tuple(v) for k, v in x.items()}
@@ -280,6 +228,8 @@ def set_base_shapes(
     _warn_tied_readouts(model, records)
     attach_base_shapes(model, records)
     if savefile is not None:
+        from .mup_interop import save_base_shapes
+
         save_base_shapes(model, savefile)
     return model
 
@@ -675,41 +625,3 @@ def describe(model: nn.Module) -> ParamTable:
             }
         )
     return rows
-
-
-_BSH_HEADER = (
-    "# Base shapes (format of the mup package, YAML):\n"
-    "# null = finite dimension; a number = base size of a width dimension\n"
-)
-
-
-def base_shapes_table(model: nn.Module) -> dict[str, list[int | None]]:
-    """``{name: base shape}`` with ``None`` for finite dimensions: the content of a mup
-    ``.bsh`` file, which :func:`set_base_shapes` takes back as ``base``."""
-    data = {}
-    for full_name, p, _, _ in _named_params(model):
-        info = require_info(p, f"{full_name}: ")
-        data[strip_prefixes(full_name)] = [
-            b if w else None for b, w in zip(info.base_shape, info.width_dims)
-        ]
-    return data
-
-
-def save_base_shapes(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the model's base shapes as a mup-compatible ``.bsh`` YAML file."""
-    import yaml  # only here: `import mupp` stays free of optional file formats
-
-    data = base_shapes_table(model)
-    with open(path, "w") as f:
-        f.write(_BSH_HEADER + yaml.safe_dump(data, default_flow_style=None, sort_keys=False))
-
-
-def load_base_shapes(path: str | os.PathLike) -> dict[str, tuple[int | None, ...]]:
-    """Read a ``.bsh`` file: ``{name: base shape}`` with ``None`` for finite dimensions."""
-    import yaml  # only here: `import mupp` stays free of optional file formats
-
-    with open(path) as f:
-        data = yaml.safe_load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a base-shapes file (expected a YAML mapping)")
-    return {strip_prefixes(k): tuple(v) for k, v in data.items()}
