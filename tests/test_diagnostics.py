@@ -293,19 +293,16 @@ def test_run_statistics_of_trained_runs(tmp_path, capsys):
 
     ds = data.synthetic(256, 64, seed=1)
     base = dict(dataset="synthetic", width=32, base_width=16, epochs=1, batch_size=64, lr=0.05)
+
     # SP has no perturbation scaling (num = den = 1): with only the readout perturbed, Def. 4's
     # joint normalization makes ||ε_out||_F exactly rho
-    last_layer = TrainConfig.from_dict(
-        dict(base, parameterization="sp", variant="last-layer", rho=0.3)
-    )
-    train(last_layer, tmp_path / "ll", progress=False, dataset=ds, log=None)
-    train(
-        TrainConfig.from_dict(dict(base, rho=0.0)),
-        tmp_path / "sgd",
-        progress=False,
-        dataset=ds,
-        log=None,
-    )
+    def fit(out, **options):
+        train(
+            TrainConfig.from_dict(dict(base, **options)), out, progress=False, dataset=ds, log=None
+        )
+
+    fit(tmp_path / "ll", parameterization="sp", variant="last-layer", rho=0.3)
+    fit(tmp_path / "sgd", rho=0.0)
     ll = run_statistics(tmp_path / "ll", dataset=ds, probe_size=128)
     assert ll["layers"]["pert_norm"]["layers.2"] == pytest.approx(0.3, rel=1e-5)
     assert ll["layers"]["pert_norm"]["layers.0"] == ll["layers"]["pert_norm"]["layers.1"] == 0.0
@@ -316,13 +313,7 @@ def test_run_statistics_of_trained_runs(tmp_path, capsys):
     sgd = run_statistics(tmp_path / "sgd", dataset=ds, probe_size=128)
     assert set(sgd["layers"]["pert_norm"].values()) == {0.0}
     # the initial weights are rebuilt from the run's seed: a run that barely moved shows ~0
-    train(
-        TrainConfig.from_dict(dict(base, lr=1e-9, rho=0.0)),
-        tmp_path / "still",
-        progress=False,
-        dataset=ds,
-        log=None,
-    )
+    fit(tmp_path / "still", lr=1e-9, rho=0.0)
     still = run_statistics(tmp_path / "still", dataset=ds, probe_size=128)
     assert max(still["layers"]["update_spec"].values()) < 1e-6
     with pytest.raises(FileNotFoundError, match="run_dir .* has no checkpoint.pt"):

@@ -27,10 +27,13 @@ BASE = dict(
 )
 
 
-def run(out=None, **kw):
-    cfg = dict(BASE)
-    cfg.update(kw)
-    return train(TrainConfig.from_dict(cfg), out, progress=False, dataset=DS, log=None)
+def run(out=None, *, resume=False, log=None, stop_after_epochs=None, **options):
+    """Train BASE with ``options`` on the synthetic data, quietly."""
+    cfg = TrainConfig.from_dict(dict(BASE, **options))
+    return train(
+        cfg, out, resume=resume, progress=False, dataset=DS, log=log,
+        stop_after_epochs=stop_after_epochs,
+    )  # fmt: skip
 
 
 def test_deterministic_per_seed():
@@ -51,23 +54,9 @@ def test_resume_continues_exactly(tmp_path):
         if msg.startswith("epoch 1/"):
             raise Killed
 
-    cfg = dict(BASE, schedule="cosine")
     with pytest.raises(Killed):
-        train(
-            TrainConfig.from_dict(cfg),
-            tmp_path / "part",
-            progress=False,
-            dataset=DS,
-            log=kill_after_first_epoch,
-        )
-    resumed = train(
-        TrainConfig.from_dict(cfg),
-        tmp_path / "part",
-        resume=True,
-        progress=False,
-        dataset=DS,
-        log=None,
-    )
+        run(tmp_path / "part", log=kill_after_first_epoch, schedule="cosine")
+    resumed = run(tmp_path / "part", resume=True, schedule="cosine")
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     assert resumed["history"] == full["history"]
     assert json.loads((tmp_path / "part" / "result.json").read_text())["history"] == full["history"]
@@ -76,50 +65,22 @@ def test_resume_continues_exactly(tmp_path):
 def test_resume_refuses_a_different_config(tmp_path):
     run(tmp_path, epochs=1)
     with pytest.raises(ValueError, match="different configuration"):
-        train(
-            TrainConfig.from_dict(dict(BASE, epochs=1, lr=0.2)),
-            tmp_path,
-            resume=True,
-            progress=False,
-            dataset=DS,
-            log=None,
-        )
+        run(tmp_path, resume=True, epochs=1, lr=0.2)
 
 
 def test_resume_accepts_a_checkpoint_written_before_an_option_existed(tmp_path):
     # a checkpoint of an older mupp lacks `last_layer_fast`: it ran with the default (a study
     # killed across versions must resume, not stop with "different configuration")
-    cfg = dict(BASE, epochs=2)
     full = run(tmp_path / "full", epochs=2)
-    train(
-        TrainConfig.from_dict(cfg),
-        tmp_path / "old",
-        progress=False,
-        dataset=DS,
-        log=None,
-        stop_after_epochs=1,
-    )
+    run(tmp_path / "old", stop_after_epochs=1, epochs=2)
     ckpt = tmp_path / "old" / "checkpoint.pt"
     state = load_checkpoint(ckpt)
     del state["config"]["last_layer_fast"]
     save_checkpoint(state, ckpt)
-    resumed = train(
-        TrainConfig.from_dict(cfg),
-        tmp_path / "old",
-        resume=True,
-        progress=False,
-        dataset=DS,
-        log=None,
-    )
+    resumed = run(tmp_path / "old", resume=True, epochs=2)
     assert resumed["history"] == full["history"]
     with pytest.raises(ValueError, match=r"differs in \['lr'\]"):
-        train(
-            TrainConfig.from_dict(dict(cfg, lr=0.2)),
-            tmp_path / "old",
-            resume=True,
-            progress=False,
-            dataset=DS,
-        )
+        run(tmp_path / "old", resume=True, epochs=2, lr=0.2)
 
 
 def test_divergence_is_flagged_not_raised():
