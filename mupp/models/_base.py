@@ -14,14 +14,15 @@ from ..shapes import set_base_shapes
 def with_base_shapes(
     model: nn.Module,
     make: Callable[[float], nn.Module],
-    base: float,
+    base_width: float,
     overrides: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """Set ``model``'s base shapes from ``make(base)`` with a delta model ``make(2 * base)``,
-    both built on the meta device (no memory, no init cost)."""
+    """Set ``model``'s base shapes from ``make(base_width)`` with a delta model
+    ``make(2 * base_width)``, both built on the meta device (no memory, no init cost); the
+    base and delta *models* then go to :func:`mupp.set_base_shapes` (App. F.5)."""
     with torch.device("meta"):
-        base_model = make(base)
-        delta_model = make(2 * base)
+        base_model = make(base_width)
+        delta_model = make(2 * base_width)
     return set_base_shapes(model, base_model, delta=delta_model, overrides=overrides)
 
 
