@@ -121,6 +121,20 @@ def _gradient(p: torch.Tensor) -> torch.Tensor | None:
     return p.grad
 
 
+def device_key(t: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+    """The unit of one fused ``torch._foreach_*`` call: the SAM step's one grouping key
+    (:func:`by_device`; :func:`buckets` refines it by param group and sharding)."""
+    return t.device, t.dtype
+
+
+def by_device(tensors: Iterable[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+    """``tensors`` grouped by :func:`device_key`."""
+    out: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        out.setdefault(device_key(t), []).append(t)
+    return out
+
+
 def group_perturbs(group: Mapping[str, Any]) -> bool:
     """Whether a param group is perturbed at all: its variant selects it (``perturb``) and its
     radius is not zero (``rho = 0`` is the base optimizer's step)."""
@@ -147,7 +161,7 @@ def buckets(
             if direction.is_sparse:
                 raise RuntimeError("SAM does not support sparse gradients")
             groups = _shard_groups(p)
-            key = (p.device, p.dtype, tuple(id(x) for x in groups))
+            key = (device_key(p), tuple(id(x) for x in groups))
             b = by_key.get(key)
             if b is None:
                 b = by_key[key] = Bucket(

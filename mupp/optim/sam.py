@@ -769,10 +769,8 @@ def _owns_storage(t: torch.Tensor) -> bool:
 
 
 def _foreach_by_device(tensors: list[torch.Tensor], fn: Callable) -> None:
-    by: dict[tuple, list[torch.Tensor]] = {}
-    for t in tensors:
-        by.setdefault((t.device, t.dtype), []).append(t)
-    for (dev, _), ts in by.items():
+    """``fn(tensors_of_one_device_and_dtype, device)`` per group of :func:`perturbation.by_device`."""
+    for (dev, _), ts in perturbation.by_device(tensors).items():
         fn(ts, dev)
 
 
