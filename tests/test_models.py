@@ -202,3 +202,14 @@ def test_gpt_refuses_a_sequence_longer_than_its_block():
 def test_gpt_is_a_built_in_model():
     assert isinstance(build("gpt", 128, 64), GPT)
     assert mupp.get_info(build("gpt", 128, 64).wte.weight).width_mult == 2
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet8", "vit", "gpt"])
+def test_base_width_none_means_standard_shapes_for_every_model(name):
+    """One meaning of base_width=None in build (and TrainConfig): no base shapes, no μP."""
+    from mupp.shapes import get_info
+
+    width = 64 if name != "vit" else 96
+    model = build(name, width, None)
+    assert all(get_info(p) is None for p in model.parameters())
+    assert any(get_info(p) is not None for p in build(name, width, width // 2).parameters())

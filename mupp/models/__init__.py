@@ -27,8 +27,9 @@ WIDTH_UNITS = {
 
 
 def build(name: ModelName, width: int, base_width: int | None = None, **kw: Any) -> nn.Module:
-    """Build a built-in model by name, with base shapes set at ``base_width`` (``None``: the
-    model's default; the MLP's is none, i.e. standard shapes).
+    """Build a built-in model by name, with base shapes set at ``base_width`` (``None``:
+    standard shapes, no μP, for every model; the ResNet factories' own default base, 32
+    channels as in Table G.1, applies only when they are called directly).
 
     ``width`` is the model's width in its own units (:data:`WIDTH_UNITS`): the MLP's hidden
     units, the ViT's embedding dimension, a ResNet's first-stage channel count (64 at the
@@ -54,8 +55,7 @@ def build(name: ModelName, width: int, base_width: int | None = None, **kw: Any)
     if name == "gpt":
         return GPT(width=int(width), base_width=int(base_width) if base_width else None, **kw)
     fn = {"resnet18": ResNet18, "resnet10": ResNet10, "resnet8": ResNet8}[name]
-    if base_width is not None:
-        kw["base_width_mult"] = base_width / RESNET_STEM
+    kw["base_width_mult"] = None if base_width is None else base_width / RESNET_STEM
     return fn(width_mult=width / RESNET_STEM, **kw)
 
 
