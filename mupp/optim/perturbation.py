@@ -338,11 +338,14 @@ def perturb_(
         bucket_list, variant, ascent_weight_decay, inplace, grad_scale
     )
     dev = bucket_list[0].params[0].device
-    norms = torch.stack([t.float().to(dev, non_blocking=True) for ts, _ in terms for t in ts])
+    # scales in float32 for low-precision weights, float64 where a weight is float64
+    wide = any(b.params[0].dtype == torch.float64 for b in bucket_list)
+    sdtype = torch.float64 if wide else torch.float32
+    norms = torch.stack([t.to(dev, sdtype, non_blocking=True) for ts, _ in terms for t in ts])
 
     def per_tensor(attr: str) -> torch.Tensor:
         values = [getattr(b, attr) for b, (ts, _) in zip(bucket_list, terms) for _ in ts]
-        return torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True)
+        return torch.tensor(values, dtype=sdtype).to(dev, non_blocking=True)
 
     s, finite = scales(
         rule, norms, per_tensor("num"), per_tensor("den"), per_tensor("rho"), norm_eps
