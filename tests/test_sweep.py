@@ -338,6 +338,56 @@ def test_a_new_queue_order_takes_effect_on_resume(tmp_path):
     assert order == [(0, 0.05), (0, 0.1), (1, 0.05), (1, 0.1)]
 
 
+def _queue(url, grid):
+    storage = make_storage(url)
+    study = sweep._study(url, None, create=False, storage=storage)
+    lock, popped = pop_lock(url), []
+    while (nxt := sweep._pop(study, storage, grid, lock)) is not None:
+        popped.append((nxt[1]["seed"], nxt[1]["lr"]))
+    return popped
+
+
+def test_a_slice_queues_first_and_a_run_without_it_queues_the_rest(tmp_path):
+    grid = {"lr": [0.05, 0.1], "seed": [0, 1, 2]}
+    url = storage_url(tmp_path)
+    counts = sweep.prepare(url, grid, BASE, order=["seed", "lr"], only={"seed": [1]})
+    assert (counts["enqueued"], counts["waiting"]) == (2, 2)
+    assert _queue(url, grid) == [(1, 0.05), (1, 0.1)]
+    counts = sweep.prepare(url, grid, BASE, order=["seed", "lr"])  # the grid stored is whole
+    assert counts["waiting"] == 4
+    assert _queue(url, grid) == [(0, 0.05), (0, 0.1), (2, 0.05), (2, 0.1)]
+
+
+def test_sweep_only_trains_its_slice_and_exits_0_when_the_slice_is_done(tmp_path, capsys):
+    out = tmp_path / "s"
+    argv = ["sweep", "--set", "dataset=synthetic", "--set", "epochs=1", "--set", "base_width=32"]
+    argv += ["--grid", "seed=0,1", "--grid", "lr=0.05", "--out", str(out), "--no-progress"]
+    argv += ["--workers", "1"]
+    assert main(argv + ["--only", "seed=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 outside --only left for later" in printed
+    assert "sweep finished: 1 of 1 points of the --only slice" in printed
+    records = sweep.load_results(storage_url(out))
+    assert [r["params"]["seed"] for r in records] == [1]
+    assert main(argv) == 0
+    assert sorted(r["params"]["seed"] for r in sweep.load_results(storage_url(out))) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "only,message",
+    [
+        ("sed=1", "--only sed: not an axis of the grid (axes: ['lr', 'seed'])"),
+        ("seed=7", "--only seed: [7] not among the grid's values [0, 1]"),
+        ("seed", "--only expects KEY=V1,V2,...; got 'seed'"),
+    ],
+)
+def test_a_bad_slice_is_refused_before_any_storage_is_made(tmp_path, capsys, only, message):
+    argv = ["sweep", "--set", "dataset=synthetic", "--grid", "seed=0,1", "--grid", "lr=0.05"]
+    assert main(argv + ["--out", str(tmp_path / "s"), "--only", only]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize("name", __import__("mupp.lab.config", fromlist=["x"]).preset_names())
 def test_every_shipped_preset_validates_and_orders_its_whole_grid(name):
     """A preset with a typo (an unknown key, an axis missing from its queue order) fails here,

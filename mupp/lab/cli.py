@@ -210,6 +210,13 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         "--grid", action="append", metavar="KEY=V1,V2", help="add or replace a grid axis"
     )
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training option")
+    s.add_argument(
+        "--only",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="queue only the grid points with these values (a slice run first: the stored grid "
+        "stays whole, and a later run without --only queues the rest)",
+    )
     s.add_argument("--data-dir", default=None)
     _add_sweep_io(s)
     s.add_argument(

@@ -42,7 +42,7 @@ from .checks import (
     token_batches,
 )
 from .config import TrainConfig, load_config_file, load_preset, train_options
-from .grid import grid_points, resolve
+from .grid import check_slice, grid_points, in_slice, point_key, resolve
 from .plots import plot_coordcheck, plot_demo, plot_sweep
 from .statistics import format_statistics, run_statistics
 from .storage import StorageUnreachable, storage_retry_seconds, storage_url
@@ -523,9 +523,23 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict, list | None]:
     return base, grid, order
 
 
+def _grid_slice(items: list[str] | None, grid: Mapping[str, list]) -> dict[str, list]:
+    """The ``--only KEY=V1,V2`` slice of ``grid`` (:func:`~.grid.check_slice`)."""
+    only: dict[str, list] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--only expects KEY=V1,V2,...; got {item!r}")
+        k, v = item.split("=", 1)
+        only[k.strip()] = [_parse_value(x) for x in v.split(",")]
+    check_slice(grid, only)
+    return only
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """``mupp sweep``: queue the grid in the sweep storage and train it; exit 3 while incomplete."""
+    """``mupp sweep``: queue the grid (or its ``--only`` slice) in the sweep storage and train
+    it; exit 3 while incomplete."""
     base, grid, order = _sweep_spec(args)
+    only = _grid_slice(getattr(args, "only", None), grid)
     if args.storage_retry is not None:  # the workers (spawned) read it from the environment
         os.environ["MUPP_STORAGE_RETRY"] = str(args.storage_retry)
     storage_retry_seconds()  # a bad $MUPP_STORAGE_RETRY fails here, before any run
@@ -543,6 +557,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             vectorize={"auto": None, "on": True, "off": False}[args.vectorize],
             order=order,
             keep_checkpoints=args.keep_checkpoints,
+            only=only,
         )
     except Preempted as stopped:  # this process's worker checkpointed its run and re-queued it
         print(f"sweep {stopped} of its current run; rerun this command to resume", flush=True)
@@ -550,16 +565,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except (SweepFailed, StorageUnreachable) as e:  # workers died, the server stayed away
         print(f"mupp: error: {e}", file=sys.stderr)
         return 1
-    total = len(grid_points(grid))
-    if len(results) < total:
+    wanted = {point_key(p) for p in grid_points(grid) if in_slice(p, only)}
+    finished = sum(r["point"] in wanted for r in results)
+    total, what = len(wanted), "points of the --only slice" if only else "grid points"
+    if finished < total:
         print(
-            f"sweep incomplete: {len(results)} of {total} grid points have results in "
+            f"sweep incomplete: {finished} of {total} {what} have results in "
             f"{args.out}; the others are queued or running in another worker. A killed worker's "
             "trial is re-queued once its heartbeat is stale (about 10 s): rerun this command to "
             "resume."
         )
         return 0 if args.allow_partial else 3
-    print(f"sweep finished: {len(results)} of {total} grid points have results in {args.out}")
+    print(f"sweep finished: {finished} of {total} {what} have results in {args.out}")
     return 0
 
 

@@ -39,6 +39,22 @@ def grid_points(
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
+def check_slice(grid: Mapping[str, Sequence[Any]], only: Mapping[str, Sequence[Any]]) -> None:
+    """Validate a slice of ``grid`` (``mupp sweep --only``): every key an axis, every value
+    one of that axis's values."""
+    for k, values in only.items():
+        if k not in grid:
+            raise ValueError(f"--only {k}: not an axis of the grid (axes: {sorted(grid)})")
+        stray = [v for v in values if v not in grid[k]]
+        if stray:
+            raise ValueError(f"--only {k}: {stray} not among the grid's values {list(grid[k])}")
+
+
+def in_slice(point: Mapping[str, Any], only: Mapping[str, Sequence[Any]] | None) -> bool:
+    """Whether a grid point lies in the slice ``only`` (no slice: every point does)."""
+    return not only or all(point[k] in values for k, values in only.items())
+
+
 _PASS_OPTIONS = ("ascent", "every", "reuse")  # the TrainConfig fields a pass plan sets
 
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from . import vectorized
 from .checkpoint import RECORD_FILE
 from .config import TrainConfig, differing_keys, with_defaults
-from .grid import canonical, grid_points, point_key, resolve, run_key
+from .grid import canonical, grid_points, in_slice, point_key, resolve, run_key
 from .storage import (
     GRACE_PERIOD,
     HEARTBEAT_INTERVAL,
@@ -91,10 +91,13 @@ def prepare(
     base_config: Mapping[str, Any],
     reclaim_running: bool = False,
     order: Sequence[str] | None = None,
+    only: Mapping[str, Sequence[Any]] | None = None,
 ) -> dict[str, int]:
     """Create or load the study, fail stale trials, enqueue every grid point without a result,
     in grid order (``order``: :func:`grid_points`): a failed point queued again keeps its
-    place, and a changed ``order`` re-orders the queue.
+    place, and a changed ``order`` re-orders the queue.  ``only`` (:func:`~.grid.in_slice`)
+    queues a slice of the grid first; the stored grid stays whole, and a later call without
+    it queues the rest.
 
     Stale trials are found by heartbeat (RDB storages).  ``reclaim_running`` fails every RUNNING
     trial: use it on resume when no other worker is alive, and with journal storage, which
@@ -136,7 +139,11 @@ def prepare(
             elif t.state == TrialState.WAITING:
                 waiting.append(t)
         taken = done | running_keys
-        queue = [(k, p) for p in grid_points(grid, order) if (k := point_key(p)) not in taken]
+        queue = [
+            (k, p)
+            for p in grid_points(grid, order)
+            if in_slice(p, only) and (k := point_key(p)) not in taken
+        ]
         queued = [_trial_point(t) for t in sorted(waiting, key=lambda t: t.number)]
         missing = {k for k, _ in queue} - set(queued)
         # the queue runs in grid order: a point that failed (a killed worker's) goes back to
@@ -405,8 +412,9 @@ def run_sweep(
     vectorize: bool | None = None,
     order: Sequence[str] | None = None,
     keep_checkpoints: bool = False,
+    only: Mapping[str, Sequence[Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Prepare the study (queue ``order``: :func:`grid_points`), run ``workers`` local processes to completion, return the results."""
+    """Prepare the study (queue ``order``: :func:`grid_points`; the slice ``only``: :func:`prepare`), run ``workers`` local processes until the queue is empty, return the results."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {str(out_dir)!r} is a file; expected a directory")
@@ -417,16 +425,18 @@ def run_sweep(
     try:
         url = storage_url(out_dir, storage)
         with damaged_storage(url):
-            counts = prepare(url, grid, base_config, reclaim_running, order)
+            counts = prepare(url, grid, base_config, reclaim_running, order, only)
     except BaseException:  # a rejected sweep (bad storage URL, ...) leaves no empty --out
         if created and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
     total = counts["done"] + counts["waiting"] + counts["running"]
+    unqueued = len(grid_points(grid)) - total
     print(
         f"sweep: {total} grid points, {counts['done']} done, {counts['waiting']} queued "
-        f"({counts['enqueued']} newly), {counts['running']} running elsewhere; storage "
-        f"{redact_url(url)}"
+        f"({counts['enqueued']} newly), {counts['running']} running elsewhere"
+        + (f", {unqueued} outside --only left for later" if unqueued > 0 else "")
+        + f"; storage {redact_url(url)}"
     )
     if counts["running"]:
         print(
