@@ -338,6 +338,39 @@ def test_a_new_queue_order_takes_effect_on_resume(tmp_path):
     assert order == [(0, 0.05), (0, 0.1), (1, 0.05), (1, 0.1)]
 
 
+def test_optuna_dashboard_shows_a_sweep_with_its_parameters_objective_and_curves(tmp_path):
+    """``optuna-dashboard sqlite:///OUT/sweep.db`` is how to watch a sweep (docs/sweeps.md):
+    its own WSGI app, asked as the browser asks it."""
+    from wsgiref.util import setup_testing_defaults
+
+    import optuna_dashboard
+
+    records = sweep.run_sweep(
+        {"lr": [0.05, 0.1]}, {**BASE, "epochs": 2}, tmp_path, workers=1, progress=False
+    )
+    app = optuna_dashboard.wsgi(make_storage(storage_url(tmp_path), read_only=True))
+
+    def get(path):
+        environ, status = {}, []
+        setup_testing_defaults(environ)
+        environ["PATH_INFO"] = path
+        body = b"".join(app(environ, lambda s, headers, exc_info=None: status.append(s)))
+        assert status == ["200 OK"], (path, status, body[:300])
+        return json.loads(body)
+
+    (summary,) = get("/api/studies")["study_summaries"]
+    assert (summary["study_name"], summary["directions"]) == ("mupp-sweep", ["maximize"])
+    study = get(f"/api/studies/{summary['study_id']}")
+    shown = {
+        t["params"][0]["param_external_value"]: (t["values"][0], len(t["intermediate_values"]))
+        for t in study["trials"]
+        if t["state"] == "Complete"
+    }
+    assert [p["name"] for t in study["trials"] for p in t["params"]] == ["lr", "lr"]
+    best = {r["params"]["lr"]: r["result"]["best_test_acc"] for r in records}
+    assert shown == {"0.05": (pytest.approx(best[0.05]), 2), "0.1": (pytest.approx(best[0.1]), 2)}
+
+
 def _queue(url, grid):
     storage = make_storage(url)
     study = sweep._study(url, None, create=False, storage=storage)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -352,8 +353,13 @@ def _record(study, trial, result: dict[str, Any], vectorized: bool) -> bool:
     That happens when :func:`prepare` (another ``mupp sweep`` started with ``--reclaim-running``,
     or a heartbeat that stalled past the grace period) failed this trial as stale and queued its
     point again: the re-queued trial resumes from the run's checkpoint, so nothing is lost.
+    Each epoch's test accuracy becomes an intermediate value: optuna-dashboard draws the runs'
+    learning curves from them.
     """
     try:
+        for h in result["history"]:
+            if math.isfinite(h["test_acc"]):
+                trial.report(h["test_acc"], h["epoch"])
         trial.set_user_attr("result", result)
         trial.set_user_attr("diverged", result["diverged"])
         trial.set_user_attr("vectorized", vectorized)
