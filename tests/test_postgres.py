@@ -217,8 +217,14 @@ def test_storage_retry_must_be_seconds(tmp_path, capsys, monkeypatch):
     argv = ["sweep", "--grid", "rho=0.0", "--set", 'dataset="synthetic"', "--out", str(tmp_path)]
     with pytest.raises(SystemExit):
         main(argv + ["--storage-retry", "soon"])
-    assert "--storage-retry: expected seconds >= 0, like 60; got 'soon'" in capsys.readouterr().err
+    assert (
+        "--storage-retry: expected a number of seconds >= 0, like 60; got 'soon'"
+        in capsys.readouterr().err
+    )
     monkeypatch.setenv("MUPP_STORAGE_RETRY", "-1")
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err == "mupp: error: MUPP_STORAGE_RETRY must be a number of seconds >= 0; got '-1'\n"
+    assert (
+        err
+        == "mupp: error: MUPP_STORAGE_RETRY: expected a number of seconds >= 0, like 60; got '-1'\n"
+    )

@@ -13,6 +13,7 @@ from .. import __version__
 from ..choices import ASCENTS, METRICS, MODEL_NAMES, PARAMETERIZATIONS, REUSES, RULES, VARIANTS
 from . import commands
 from .config import preset_names, train_options
+from .storage import parse_seconds
 
 
 def float_list(text: str) -> list[float]:
@@ -100,15 +101,12 @@ def _number_list(cast: type, what: str, example: str) -> Callable[[str], list]:
     return parse
 
 
-def _seconds(text: str) -> float:
-    """An argparse ``type`` for a duration in seconds (>= 0)."""
+def _retry_seconds(text: str) -> float:
+    """The argparse ``type`` of ``--storage-retry`` (:func:`~.storage.parse_seconds`)."""
     try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, like 60; got {text!r}")
-    return seconds
+        return parse_seconds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_run_filters(p: argparse.ArgumentParser) -> None:
@@ -228,7 +226,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument(
         "--storage-retry",
-        type=_seconds,
+        type=_retry_seconds,
         default=None,
         metavar="SECONDS",
         help="how long to wait for a database server that went away before failing "

@@ -124,11 +124,20 @@ def storage_retry_seconds() -> float:
     sets it for the sweep and its workers."""
     text = os.environ.get("MUPP_STORAGE_RETRY", str(STORAGE_RETRY))
     try:
+        return parse_seconds(text)
+    except ValueError as e:
+        raise ValueError(f"MUPP_STORAGE_RETRY: {e}") from None
+
+
+def parse_seconds(text: str) -> float:
+    """A duration in seconds (>= 0) given as text, else ``ValueError`` (also for NaN): the one
+    parser of ``--storage-retry`` and ``$MUPP_STORAGE_RETRY``."""
+    try:
         seconds = float(text)
     except ValueError:
         seconds = -1.0
-    if not seconds >= 0:  # also NaN
-        raise ValueError(f"MUPP_STORAGE_RETRY must be a number of seconds >= 0; got {text!r}")
+    if not seconds >= 0:
+        raise ValueError(f"expected a number of seconds >= 0, like 60; got {text!r}")
     return seconds
 
 
