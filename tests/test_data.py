@@ -6,7 +6,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data_dir
 
 from mupp.lab import data
 from mupp.lab.cli import main
@@ -79,14 +78,14 @@ def test_batches_normalize_and_flatten():
         next(data.batches(ds.train, 0, shuffle=False))
 
 
-def test_data_info_cli_on_real_or_synthetic(capsys, tmp_path):
-    root = shared_data_dir()
+def test_data_info_cli_on_real_or_synthetic(capsys, tmp_path, datasets_dir):
+    root = datasets_dir
     if root is None:  # no shared CIFAR-10: the standard layout written here
         write_python_layout(tmp_path)
         root = tmp_path
     assert main(["data", "info", "cifar10", "--data-dir", str(root)]) == 0
     out = json.loads(capsys.readouterr().out)
-    if root == shared_data_dir():
+    if root == datasets_dir:
         assert out["train_size"] == 50000 and out["test_size"] == 10000
         assert out["train_per_class"] == [5000] * 10 and out["test_per_class"] == [1000] * 10
         assert out["train_mean"] == pytest.approx([0.4914, 0.4822, 0.4465], abs=2e-4)
@@ -206,8 +205,8 @@ def test_missing_corpus_lists_places_and_the_download_command(tmp_path, monkeypa
         data.load("tinyshakespeare", tmp_path / "nothing")
 
 
-def test_the_real_tiny_shakespeare_when_present(capsys):
-    root = shared_data_dir()
+def test_the_real_tiny_shakespeare_when_present(capsys, datasets_dir):
+    root = datasets_dir
     if root is None or not (root / "tinyshakespeare" / "input.txt").exists():
         pytest.skip("../shared/datasets/tinyshakespeare is absent")
     ds = data.load("tinyshakespeare", root, block_size=64)

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 import torch.nn.functional as F
-from conftest import gloo_group, prepared_mlp, step_data
+from builders import gloo_group, prepared_mlp, step_data
 
 import mupp
 from mupp.distributed import sam_passes

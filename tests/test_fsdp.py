@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 import torch.nn.functional as F
-from conftest import gloo_group, mlp, prepared_mlp, step_data, tiny_llama
+from builders import gloo_group, mlp, prepared_mlp, step_data, tiny_llama
 
 import mupp
 from mupp.distributed import sam_passes

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_llama
+from builders import tiny_llama
 
 import mupp
 

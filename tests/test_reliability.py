@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import mlp, prepared_mlp
+from builders import mlp, prepared_mlp
 
 import mupp
 from mupp.lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

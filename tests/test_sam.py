@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlp, prepared_mlp
+from builders import mlp, prepared_mlp
 from torch import nn
 
 import mupp

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import mlp, prepared_mlp
+from builders import mlp, prepared_mlp
 from torch import nn
 
 import mupp

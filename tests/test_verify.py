@@ -4,7 +4,7 @@ and ``mupp verify`` exits 0 / 1."""
 
 import pytest
 import torch
-from conftest import tiny_llama
+from builders import tiny_llama
 
 import mupp
 from mupp.diagnostics import verify
@@ -60,10 +60,10 @@ def test_mlp_and_vit_pass():
     assert report.ok, report.problems
 
 
-def test_resnet_passes_under_dp_and_lp_names_its_denominator(cifar_dir):
-    if cifar_dir is None:
+def test_resnet_passes_under_dp_and_lp_names_its_denominator(datasets_dir):
+    if datasets_dir is None:
         pytest.skip("the ResNet's check needs CIFAR-10 (../shared/datasets)")
-    batches = images(False, "cifar10", cifar_dir)
+    batches = images(False, "cifar10", datasets_dir)
 
     def make(w):
         return build("resnet8", w, 16, num_classes=10)
