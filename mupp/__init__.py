@@ -7,13 +7,14 @@ the command-line tool's dependencies (matplotlib, optuna, tqdm) load on use.
 
 from . import theory
 from .init import mup_init_
-from .mup_interop import load_base_shapes, save_base_shapes
 from .optim import SAM, MuAdamW, MuSGD, frozen_bn_stats, mup_param_groups
 from .shapes import (
     WidthInfo,
     describe,
     get_info,
+    load_base_shapes,
     reattach,
+    save_base_shapes,
     set_base_shapes,
 )
 

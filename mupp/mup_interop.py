@@ -1,15 +1,12 @@
 """Interoperability with microsoft/mup: its ``InfShape`` view of a parameter's width
-dimensions, and its ``.bsh`` base-shapes files (YAML: a base size per width dimension, ``null``
-for a finite one), which :func:`mupp.set_base_shapes` takes as ``base``.
+dimensions, and its ``.bsh`` base-shapes file format (YAML: a base size per width dimension,
+``null`` for a finite one).  Plain data only: :mod:`mupp.shapes` builds the views and tables
+from a model (``save_base_shapes``, ``load_base_shapes``, ``set_base_shapes(model, "x.bsh")``).
 """
 
 from __future__ import annotations
 
 import os
-
-from torch import nn
-
-from .shapes import _named_params, require_info, strip_prefixes
 
 
 class InfDim:
@@ -72,33 +69,21 @@ _BSH_HEADER = (
 )
 
 
-def base_shapes_table(model: nn.Module) -> dict[str, list[int | None]]:
-    """``{name: base shape}`` with ``None`` for finite dimensions: the content of a mup
-    ``.bsh`` file, which :func:`set_base_shapes` takes back as ``base``."""
-    data = {}
-    for full_name, p, _, _ in _named_params(model):
-        info = require_info(p, f"{full_name}: ")
-        data[strip_prefixes(full_name)] = [
-            b if w else None for b, w in zip(info.base_shape, info.width_dims)
-        ]
-    return data
-
-
-def save_base_shapes(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the model's base shapes as a mup-compatible ``.bsh`` YAML file."""
+def write_bsh(table: dict[str, list[int | None]], path: str | os.PathLike) -> None:
+    """Write ``{name: base shape}`` (``None`` for a finite dimension) as a mup ``.bsh`` file."""
     import yaml  # only here: `import mupp` stays free of optional file formats
 
-    data = base_shapes_table(model)
     with open(path, "w") as f:
-        f.write(_BSH_HEADER + yaml.safe_dump(data, default_flow_style=None, sort_keys=False))
+        f.write(_BSH_HEADER + yaml.safe_dump(table, default_flow_style=None, sort_keys=False))
 
 
-def load_base_shapes(path: str | os.PathLike) -> dict[str, tuple[int | None, ...]]:
-    """Read a ``.bsh`` file: ``{name: base shape}`` with ``None`` for finite dimensions."""
+def read_bsh(path: str | os.PathLike) -> dict[str, tuple[int | None, ...]]:
+    """Read a mup ``.bsh`` file: ``{name: base shape}`` as written, ``None`` for finite
+    dimensions."""
     import yaml  # only here: `import mupp` stays free of optional file formats
 
     with open(path) as f:
         data = yaml.safe_load(f)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a base-shapes file (expected a YAML mapping)")
-    return {strip_prefixes(k): tuple(v) for k, v in data.items()}
+    return {k: tuple(v) for k, v in data.items()}

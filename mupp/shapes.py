@@ -23,16 +23,14 @@ import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # the mup view lives in mup_interop, which imports this module
-    from .mup_interop import InfShape
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .choices import ROLES, check_choice
+from .mup_interop import InfDim, InfShape, read_bsh, write_bsh
 
 # How a role was found: "override" (declared by the user), "layer" (the layout of a known layer
 # type: Linear, Conv, Embedding, norms, attention, Hugging Face Conv1D), "vector" (a tensor of
@@ -107,8 +105,6 @@ class WidthInfo:
     @property
     def infshape(self) -> InfShape:
         """A mup-style ``InfShape`` view of this record (for code written against mup)."""
-        from .mup_interop import InfDim, InfShape
-
         view = InfShape(
             InfDim(b if w else None, s)
             for b, s, w in zip(self.base_shape, self.shape, self.width_dims)
@@ -188,14 +184,34 @@ def _as_shapes(x: Any, what: str) -> dict[str, tuple[int | None, ...]]:
     if isinstance(x, nn.Module):
         return get_shapes(x)
     if isinstance(x, (str, os.PathLike)):
-        from .mup_interop import load_base_shapes
-
         return load_base_shapes(x)
     if isinstance(x, Mapping):
         return {strip_prefixes(k): tuple(v) for k, v in x.items()}
     raise TypeError(
         f"{what} must be an nn.Module, a dict of shapes or a path to a .bsh file; got {type(x).__name__}"
     )
+
+
+def base_shapes_table(model: nn.Module) -> dict[str, list[int | None]]:
+    """``{name: base shape}`` with ``None`` for finite dimensions: the content of a mup
+    ``.bsh`` file, which :func:`set_base_shapes` takes back as ``base``."""
+    data = {}
+    for full_name, p, _, _ in _named_params(model):
+        info = require_info(p, f"{full_name}: ")
+        data[strip_prefixes(full_name)] = [
+            b if w else None for b, w in zip(info.base_shape, info.width_dims)
+        ]
+    return data
+
+
+def save_base_shapes(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the model's base shapes as a mup-compatible ``.bsh`` YAML file."""
+    write_bsh(base_shapes_table(model), path)
+
+
+def load_base_shapes(path: str | os.PathLike) -> dict[str, tuple[int | None, ...]]:
+    """Read a ``.bsh`` file: ``{name: base shape}`` with ``None`` for finite dimensions."""
+    return {strip_prefixes(k): v for k, v in read_bsh(path).items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,8 +244,6 @@ def set_base_shapes(
     _warn_tied_readouts(model, records)
     attach_base_shapes(model, records)
     if savefile is not None:
-        from .mup_interop import save_base_shapes
-
         save_base_shapes(model, savefile)
     return model
 

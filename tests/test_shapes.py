@@ -11,8 +11,7 @@ from torch import nn
 
 import mupp
 from mupp import scaling
-from mupp.mup_interop import load_base_shapes
-from mupp.shapes import get_info
+from mupp.shapes import get_info, load_base_shapes
 
 
 def roles(model):
@@ -300,7 +299,7 @@ def test_override_records_a_weight_multiplier_and_a_bsh_dict_round_trips():
     model = prepared_mlp_with_readout_multiplier()
     info = mupp.get_info(model[-1].weight)
     assert info.multiplier == 1.0 and info.role == "output"
-    table = mupp.mup_interop.base_shapes_table(model)
+    table = mupp.shapes.base_shapes_table(model)
     assert table["0.weight"] == [8, None]  # None: a finite dimension, as in a .bsh file
     again = nn.Sequential(
         nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)

@@ -40,7 +40,7 @@ import torch
 import transformers
 from torch import nn
 
-from .. import mup_interop, shapes
+from .. import shapes
 from ..init import mup_init_
 from ..optim import SAM
 
@@ -215,7 +215,7 @@ def prepare(
         model.config,
         _CONFIG_KEY,
         {
-            "base_shapes": mup_interop.base_shapes_table(model),
+            "base_shapes": shapes.base_shapes_table(model),
             "readout": plan.readout,
             "tied": plan.tied,
             "output_mult": plan.output_mult,
