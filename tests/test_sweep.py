@@ -10,13 +10,11 @@ from pathlib import Path
 import pytest
 
 from mupp.lab import sweep
-from mupp.lab.analysis import rows_from_records, transfer_summary
 from mupp.lab.cli import main
 from mupp.lab.grid import (
     grid_points,
     point_key,
 )
-from mupp.lab.plots import plot_sweep
 from mupp.lab.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, make_storage, pop_lock, storage_url
 
 BASE = dict(dataset="synthetic", base_width=32, epochs=1, batch_size=64, model="mlp")
@@ -85,77 +83,6 @@ def test_sigkill_mid_trial_then_resume_loses_and_duplicates_nothing(tmp_path):
     killed_point = fails[0].user_attrs["point"]
     resumed = next(r for r in results if r["point"] == killed_point)
     assert len(resumed["result"]["history"]) == 40
-
-
-def record(par, width, lr, rho, acc, diverged=False, seed=0, variant="sam", exact=None):
-    cfg = dict(parameterization=par, width=width, lr=lr, rho=rho, seed=seed, variant=variant)
-    result = {"config": cfg, "best_test_acc": acc, "diverged": diverged}
-    if exact is not None:
-        result["test_acc_exact"] = exact
-    return {"params": {}, "result": result}
-
-
-def test_transfer_summary_on_a_hand_made_table():
-    recs = []
-    accs_small = {(0.1, 0.0): 0.50, (0.1, 0.1): 0.55, (0.2, 0.0): 0.52, (0.2, 0.1): 0.53}
-    accs_large = {(0.1, 0.0): 0.60, (0.1, 0.1): 0.62, (0.2, 0.0): 0.61, (0.2, 0.1): 0.66}
-    for (lr, rho), a in accs_small.items():
-        recs.append(record("mupp", 64, lr, rho, a, exact=a + 0.1))
-    for (lr, rho), a in accs_large.items():
-        recs.append(record("mupp", 1024, lr, rho, a))
-    recs.append(record("mupp", 1024, 0.2, 0.1, 0.64, seed=1))  # averaged with 0.66 -> 0.65
-    # another variant is another setting, never averaged into plain SAM's cells
-    recs.append(record("mupp", 64, 0.1, 0.1, 0.99, variant="sam-on"))
-    summary = transfer_summary(rows_from_records(recs))["parameterizations"]
-    assert set(summary) == {"mupp", "mupp/sam-on"}
-    s = summary["mupp"]
-    by_lr = s["optimum"][64].pop("by_lr")
-    assert by_lr[0.1]["rho"] == 0.1 and by_lr[0.1]["sgd_acc"] == 0.50
-    assert by_lr[0.1]["sam_gain_diff"]["mean"] == pytest.approx(0.05)
-    assert by_lr[0.2]["acc"] == 0.53 and by_lr[0.2]["sam_gain_diff"]["mean"] == pytest.approx(0.01)
-    assert s["optimum"][64] == {
-        "lr": 0.1,
-        "rho": 0.1,
-        "acc": 0.55,
-        "acc_std": 0.0,
-        "acc_ci": None,  # one seed: no interval
-        "acc_exact": pytest.approx(0.65),
-        "seeds": 1,
-        "tied": None,
-        "sgd_lr": 0.2,
-        "sgd_acc": 0.52,
-        "sam_gain": pytest.approx(0.03),
-        "sam_gain_diff": {"mean": pytest.approx(0.03), "ci": None, "seeds": 1},
-    }
-    big = s["optimum"][1024]
-    assert big["lr"] == 0.2 and big["acc"] == pytest.approx(0.65)
-    assert big["acc_std"] == pytest.approx(0.01) and big["seeds"] == 2 and big["acc_exact"] is None
-    assert s["shift_lr_steps"] == 1 and s["shift_rho_steps"] == 0
-    assert s["transfer_acc"] == 0.62 and s["transfer_regret"] == pytest.approx(0.03)
-    assert s["optimum"][1024]["sam_gain"] == pytest.approx(0.65 - 0.61)
-
-
-def test_plots_are_written(tmp_path):
-    recs = [
-        record(p, w, lr, rho, 0.3 + 0.1 * lr + rho, diverged=(lr == 0.4))
-        for p in ("mupp", "mup-global")
-        for w in (64, 256)
-        for lr in (0.1, 0.2, 0.4)
-        for rho in (0.0, 0.05, 0.1)
-    ]
-    recs += [
-        record(p, w, lr, rho, 0.31 + 0.1 * lr + rho, seed=1)
-        for p in ("mupp", "mup-global")
-        for w in (64, 256)
-        for lr in (0.1, 0.2)
-        for rho in (0.0, 0.05, 0.1)
-    ]
-    paths = plot_sweep(rows_from_records(recs), str(tmp_path / "s"))
-    assert [os.path.basename(p) for p in paths] == [
-        f"s_{kind}.{ext}" for kind in ("heatmaps", "slices", "gain") for ext in ("png", "pdf")
-    ]
-    for p in paths:
-        assert os.path.getsize(p) > 5_000
 
 
 def test_sweep_plot_transfer_cli(tmp_path, capsys):
