@@ -222,7 +222,7 @@ def test_a_result_for_a_trial_failed_elsewhere_warns_and_is_not_counted(tmp_path
     trial, params = sweep._pop(study, storage, study.user_attrs["grid"], pop_lock(url))
     assert params == {"lr": 0.05}
     storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)  # reclaimed as stale
-    result = {"best_test_acc": 0.5, "diverged": False}
+    result = {"best_test_acc": 0.5, "diverged": False, "history": [{"epoch": 1, "test_acc": 0.5}]}
     with pytest.warns(RuntimeWarning, match="finished by another process"):
         assert sweep._record(study, trial, result, vectorized=False) is False
     assert storage.get_trial(trial._trial_id).state == TrialState.FAIL
