@@ -476,6 +476,18 @@ def _discard_checkpoint(out: str) -> None:
         discard_run(out)
 
 
+def _axes(flag: str, items: list[str] | None) -> dict[str, list]:
+    """``{KEY: [V1, V2, ...]}`` from repeated ``flag KEY=V1,V2`` arguments (``--grid``,
+    ``--only``), each value parsed as JSON where it can be."""
+    axes: dict[str, list] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"{flag} expects KEY=V1,V2,...; got {item!r}")
+        k, v = item.split("=", 1)
+        axes[k.strip()] = [_parse_value(x) for x in v.split(",")]
+    return axes
+
+
 def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict, list | None]:
     """(base config, grid, queue order) of a sweep from --preset/--config, --set, --grid."""
     if args.preset and args.config:
@@ -498,11 +510,7 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict, list | None]:
     if args.data_dir:  # one dataset, one identity: a resumed sweep matches from any directory
         base["data_dir"] = str(Path(args.data_dir).expanduser().resolve())
     _apply_sets(base, args.set)
-    for item in args.grid or []:
-        if "=" not in item:
-            raise ValueError(f"--grid expects KEY=V1,V2,...; got {item!r}")
-        k, v = item.split("=", 1)
-        grid[k.strip()] = [_parse_value(x) for x in v.split(",")]
+    grid.update(_axes("--grid", args.grid))
     if not grid:
         raise ValueError(
             "the sweep has no grid: use --preset, a --config with a [grid] table, or --grid"
@@ -523,23 +531,12 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[dict, dict, list | None]:
     return base, grid, order
 
 
-def _grid_slice(items: list[str] | None, grid: Mapping[str, list]) -> dict[str, list]:
-    """The ``--only KEY=V1,V2`` slice of ``grid`` (:func:`~.grid.check_slice`)."""
-    only: dict[str, list] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--only expects KEY=V1,V2,...; got {item!r}")
-        k, v = item.split("=", 1)
-        only[k.strip()] = [_parse_value(x) for x in v.split(",")]
-    check_slice(grid, only)
-    return only
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``mupp sweep``: queue the grid (or its ``--only`` slice) in the sweep storage and train
     it; exit 3 while incomplete."""
     base, grid, order = _sweep_spec(args)
-    only = _grid_slice(getattr(args, "only", None), grid)
+    only = _axes("--only", args.only)
+    check_slice(grid, only)
     if args.storage_retry is not None:  # the workers (spawned) read it from the environment
         os.environ["MUPP_STORAGE_RETRY"] = str(args.storage_retry)
     storage_retry_seconds()  # a bad $MUPP_STORAGE_RETRY fails here, before any run
