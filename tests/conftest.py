@@ -19,13 +19,16 @@ def datasets_dir():
     return shared_data_dir()
 
 
-def _sweep_record(setting, width, lr, rho, acc, seed=0, *, diverged=False, exact=None):
+def _sweep_record(setting, width, lr, rho, acc, seed=0, *, diverged=False, exact=None, loss=None):
     """A finished run's record as a sweep stores it, for ``setting`` (the grid's
-    ``PARAMETERIZATION[/VARIANT[/RULE[/PLAN]]]``) with best test accuracy ``acc``."""
+    ``PARAMETERIZATION[/VARIANT[/RULE[/PLAN]]]``) with best test accuracy ``acc`` (and, for
+    a language model, best validation loss ``loss``)."""
     point = {"setting": setting, "width": width, "lr": lr, "rho": rho, "seed": seed}
     result = {"config": expand_point(point), "best_test_acc": acc, "diverged": diverged}
     if exact is not None:
         result["test_acc_exact"] = exact
+    if loss is not None:
+        result["best_test_loss"] = loss
     return {"params": {}, "result": result}
 
 

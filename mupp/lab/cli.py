@@ -263,6 +263,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     pl = sub.add_parser("plot", help="Fig. 1-style heatmaps and slices of a sweep (PNG + PDF)")
     _add_sweep_io(pl)
     _add_run_filters(pl)
+    _add_metric(pl)
     pl.set_defaults(func=commands.cmd_plot)
 
 
@@ -284,14 +285,19 @@ def _add_transfer(sub: argparse._SubParsersAction) -> None:
         help="also each other setting's best cell minus this setting's (e.g. mupp), per width, "
         "paired by seed",
     )
-    tr.add_argument(
+    _add_metric(tr)
+    tr.set_defaults(func=commands.cmd_transfer)
+
+
+def _add_metric(p: argparse.ArgumentParser) -> None:
+    """``--metric`` of the sweep analyses (``mupp transfer``, ``mupp plot``)."""
+    p.add_argument(
         "--metric",
         default="acc",
         choices=list(METRICS),
-        help="acc: best-epoch test accuracy; loss: the best validation loss (language models), "
-        "shown negated so that higher is better and a gain is a reduction",
+        help="acc: best-epoch test accuracy; loss: the best validation loss (language models; "
+        "transfer shows it negated so that higher is better and a gain is a reduction)",
     )
-    tr.set_defaults(func=commands.cmd_transfer)
 
 
 def _add_efficiency(sub: argparse._SubParsersAction) -> None:

@@ -624,7 +624,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     """``mupp plot``: heatmaps, ρ-slices and the gain-vs-width figure of a sweep."""
     rows = _rows(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)  # --storage elsewhere: a new folder
-    paths = plot_sweep(rows, str(Path(args.out) / "sweep"))
+    paths = plot_sweep(rows, str(Path(args.out) / "sweep"), metric=args.metric)
     for p in paths:
         print(f"wrote {p}")
     return 0

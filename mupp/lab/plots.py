@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..diagnostics.coordcheck import METRICS
+from ..choices import METRICS, Metric, check_choice
+from ..diagnostics.coordcheck import METRICS as COORD_METRICS
 from .analysis import (
     aggregate,
     best_cell,
@@ -25,22 +27,54 @@ from .analysis import (
 )
 
 
-def plot_sweep(rows: list[Mapping[str, Any]], prefix: str) -> list[str]:
-    """Fig. 1-style heatmaps (seed-mean test accuracy over lr × rho per setting and width, ×
+@dataclass(frozen=True)
+class _Scale:
+    """How a metric is drawn: a shown value is ``factor`` × a row's ``acc`` (which the analyses
+    maximize: accuracy, or minus the validation loss), a gain ``abs(factor)`` × its difference."""
+
+    factor: float
+    label: str  # the value's axis label
+    gain_label: str  # the gain's axis label
+    cmap: str  # brighter is better either way
+    one_seed_tie: str  # the outline with one seed: cells within 0.01 (in ``acc``) of the best
+
+
+_SCALES = {
+    "acc": _Scale(
+        100.0, "test accuracy (%)", "SAM's accuracy gain (points)", "viridis", "within 1 point"
+    ),
+    "loss": _Scale(
+        -1.0,
+        "best validation loss (nats/token)",
+        "SAM's validation-loss reduction (nats)",
+        "viridis_r",
+        "within 0.01 nats",
+    ),
+}
+
+
+def plot_sweep(rows: list[Mapping[str, Any]], prefix: str, metric: Metric = "acc") -> list[str]:
+    """Fig. 1-style heatmaps (the seed mean of ``metric`` over lr × rho per setting and width, ×
     at the optimum, the cells statistically tied with it outlined, diverged cells grey), slices
-    (accuracy against rho at each width's best lr with 95% intervals over seeds, SGD dashed)
-    and SAM's gain against width (:func:`plot_gain`).  Writes PNG and PDF; returns the paths."""
+    (the metric against rho at each width's best lr with 95% intervals over seeds, ρ = 0
+    dashed) and SAM's gain against width (:func:`plot_gain`).  ``rows`` come from
+    :func:`~mupp.lab.analysis.rows_from_records` with the same ``metric`` (``"loss"``: the
+    best validation loss of a language model).  Writes PNG and PDF; returns the paths."""
+    check_choice("metric", metric, METRICS)
     agg = aggregate(rows)
     lrs = sorted({r["lr"] for r in rows})
     rhos = sorted({r["rho"] for r in rows})
-    paths = _save(_heatmaps(agg, lrs, rhos), prefix, "heatmaps")
-    paths += _save(_slices(agg, rhos), prefix, "slices")
-    paths += plot_gain(rows, prefix)
+    paths = _save(_heatmaps(agg, lrs, rhos, metric), prefix, "heatmaps")
+    paths += _save(_slices(agg, rhos, metric), prefix, "slices")
+    paths += plot_gain(rows, prefix, metric)
     return paths
 
 
-def _heatmaps(agg: Mapping[tuple, Mapping], lrs: list[float], rhos: list[float]) -> Figure:
-    """One panel per setting (rows) and width (columns): seed-mean accuracy over lr × rho."""
+def _heatmaps(
+    agg: Mapping[tuple, Mapping], lrs: list[float], rhos: list[float], metric: Metric = "acc"
+) -> Figure:
+    """One panel per setting (rows) and width (columns): the seed mean over lr × rho."""
+    scale = _SCALES[metric]
     pars = sorted({p for p, _ in agg})
     widths = sorted({w for _, w in agg})
     fig = Figure(figsize=(3.2 * len(widths) + 1, 3.0 * len(pars)))
@@ -49,13 +83,13 @@ def _heatmaps(agg: Mapping[tuple, Mapping], lrs: list[float], rhos: list[float])
         for j, w in enumerate(widths):
             ax = axes[i][j]
             cells = agg.get((par, w), {})
-            acc = np.full((len(lrs), len(rhos)), np.nan)
-            div = np.zeros_like(acc, dtype=bool)
+            val = np.full((len(lrs), len(rhos)), np.nan)
+            div = np.zeros_like(val, dtype=bool)
             for (lr, rho), v in cells.items():
-                acc[lrs.index(lr), rhos.index(rho)] = v["acc"] * 100
+                val[lrs.index(lr), rhos.index(rho)] = v["acc"] * scale.factor
                 div[lrs.index(lr), rhos.index(rho)] = v["diverged"] >= 0.5
-            shown = np.where(div, np.nan, acc)
-            im = ax.imshow(shown, origin="lower", aspect="auto", cmap="viridis")
+            shown = np.where(div, np.nan, val)
+            im = ax.imshow(shown, origin="lower", aspect="auto", cmap=scale.cmap)
             ax.imshow(
                 np.where(div, 1.0, np.nan),
                 origin="lower",
@@ -66,7 +100,7 @@ def _heatmaps(agg: Mapping[tuple, Mapping], lrs: list[float], rhos: list[float])
             )
             if cells and np.isfinite(shown).any():
                 _mark_optimum(ax, cells, lrs, rhos)
-            fig.colorbar(im, ax=ax, label="test acc (%)")
+            fig.colorbar(im, ax=ax, label=scale.label)
             ax.set_xticks(range(len(rhos)), [f"{r:g}" for r in rhos], rotation=45)
             ax.set_yticks(range(len(lrs)), [f"{x:g}" for x in lrs])
             ax.set_xlabel("perturbation radius ρ")
@@ -74,7 +108,7 @@ def _heatmaps(agg: Mapping[tuple, Mapping], lrs: list[float], rhos: list[float])
             ax.set_title(f"{par}, width {w:g}")
     fig.suptitle(
         "×: best SAM cell (as mupp transfer reports it); outlined: the cells tied with it "
-        "(95%, paired by seed; with one seed, within 1 point)",
+        f"(95%, paired by seed; with one seed, {scale.one_seed_tie})",
         fontsize=9,
     )
     return fig
@@ -82,7 +116,8 @@ def _heatmaps(agg: Mapping[tuple, Mapping], lrs: list[float], rhos: list[float])
 
 def _mark_optimum(ax: Any, cells: Mapping[tuple, Mapping], lrs: list, rhos: list) -> None:
     """× on the optimum of :func:`best_cell`; the cells of :func:`tied_with_best` outlined
-    along their edges (with one seed, where no test is possible: those within 1 point)."""
+    along their edges (with one seed, where no test is possible: those within 0.01 of the
+    best in ``acc``, i.e. 1 point of accuracy or 0.01 nats of loss)."""
     (lr, rho), acc = best_cell(cells)
     ax.plot(rhos.index(rho), lrs.index(lr), "x", color="red", markersize=12, mew=3)
     tied = tied_with_best(cells, (lr, rho))
@@ -99,9 +134,10 @@ def _mark_optimum(ax: Any, cells: Mapping[tuple, Mapping], lrs: list, rhos: list
                 ax.plot(xs, ys, color="white", lw=1.5, solid_capstyle="projecting")
 
 
-def _slices(agg: Mapping[tuple, Mapping], rhos: list[float]) -> Figure:
-    """One panel per setting: accuracy against rho at each width's best SAM lr (95% CI bars),
-    with SGD at that lr dashed."""
+def _slices(agg: Mapping[tuple, Mapping], rhos: list[float], metric: Metric = "acc") -> Figure:
+    """One panel per setting: the metric against rho at each width's best SAM lr (95% CI
+    bars), with ρ = 0 (the base optimizer alone) at that lr dashed."""
+    scale = _SCALES[metric]
     pars = sorted({p for p, _ in agg})
     widths = sorted({w for _, w in agg})
     fig = Figure(figsize=(5 * len(pars), 3.8))
@@ -116,8 +152,10 @@ def _slices(agg: Mapping[tuple, Mapping], rhos: list[float]) -> Figure:
                 continue
             lr = opt[0][0]
             got = [(r, cells[(lr, r)]) for r in pos_rhos if (lr, r) in cells]
-            ys = [c["acc"] * 100 for _, c in got]
-            err = [0.0 if math.isnan(c["acc_ci"]) else c["acc_ci"] * 100 for _, c in got]
+            ys = [c["acc"] * scale.factor for _, c in got]
+            err = [
+                0.0 if math.isnan(c["acc_ci"]) else c["acc_ci"] * abs(scale.factor) for _, c in got
+            ]
             line = ax.errorbar(
                 [r for r, _ in got],
                 ys,
@@ -126,24 +164,27 @@ def _slices(agg: Mapping[tuple, Mapping], rhos: list[float]) -> Figure:
                 capsize=3,
                 label=f"width {w:g} (η={lr:g})",
             )[0]
-            sgd = cells.get((lr, 0.0))
-            if sgd:
-                ax.axhline(sgd["acc"] * 100, ls="--", color=line.get_color(), lw=1)
+            base = cells.get((lr, 0.0))
+            if base:
+                ax.axhline(base["acc"] * scale.factor, ls="--", color=line.get_color(), lw=1)
         if pos_rhos:
             ax.set_xscale("log")
             ax.set_xticks(pos_rhos, [f"{r:g}" for r in pos_rhos])
             ax.minorticks_off()
         ax.set_xlabel("perturbation radius ρ")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{par}: at each width's best η\n(dashed: SGD at that η; bars: 95% CI)")
+        ax.set_ylabel(scale.label)
+        ax.set_title(f"{par}: at each width's best η\n(dashed: ρ = 0 at that η; bars: 95% CI)")
         ax.legend(fontsize=8)
     return fig
 
 
-def plot_gain(rows: list[Mapping[str, Any]], prefix: str) -> list[str]:
-    """SAM's gain over SGD against width, one line per setting, with the 95% interval of the
-    per-seed paired gain (:func:`transfer_summary`): the paper's claim in one picture (μP²'s
-    gain persists with width, μP-global's decays toward last-layer SAM's; Fig. 1)."""
+def plot_gain(rows: list[Mapping[str, Any]], prefix: str, metric: Metric = "acc") -> list[str]:
+    """SAM's gain over the base optimizer (ρ = 0) against width, one line per setting, with the
+    95% interval of the per-seed paired gain (:func:`transfer_summary`): the paper's claim in
+    one picture (μP²'s gain persists with width, μP-global's decays toward last-layer SAM's;
+    Fig. 1).  ``metric="loss"``: the gain is the reduction of the best validation loss."""
+    check_choice("metric", metric, METRICS)
+    unit = abs(_SCALES[metric].factor)
     summary = transfer_summary(rows)["parameterizations"]
     fig = Figure(figsize=(5.5, 3.8))
     ax = fig.subplots()
@@ -154,15 +195,15 @@ def plot_gain(rows: list[Mapping[str, Any]], prefix: str) -> list[str]:
             if d["mean"] is None:
                 continue
             ws.append(w)
-            gains.append(d["mean"] * 100)
-            errs.append(0.0 if d["ci"] is None else d["ci"] * 100)
+            gains.append(d["mean"] * unit)
+            errs.append(0.0 if d["ci"] is None else d["ci"] * unit)
         if ws:
             ax.errorbar(ws, gains, yerr=errs, fmt="o-", capsize=3, label=par)
     ax.axhline(0.0, color="grey", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("width")
-    ax.set_ylabel("SAM gain over SGD (points)")
-    ax.set_title("best SAM minus best SGD, paired by seed (95% CI)")
+    ax.set_ylabel(_SCALES[metric].gain_label)
+    ax.set_title("best SAM minus best ρ = 0, paired by seed (95% CI)")
     ax.legend(fontsize=8)
     return _save(fig, prefix, "gain")
 
@@ -183,7 +224,7 @@ def plot_coordcheck(result: Mapping[str, Any], path: str) -> None:
     metric, one line per layer with its fitted width exponent (paper Fig. 2), and for LP/DP a
     last panel with the ascent step's denominator per role (Def. 4)."""
     denominator = (result.get("denominator") or {}).get("values") or {}
-    panels = [(m, result["metrics"][m], result["slopes"][m]) for m in METRICS]
+    panels = [(m, result["metrics"][m], result["slopes"][m]) for m in COORD_METRICS]
     if denominator:
         panels.append(("denominator", denominator, result["denominator"]["slopes"]))
     fig = Figure(figsize=(4 * len(panels), 3.4))
