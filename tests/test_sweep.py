@@ -325,11 +325,17 @@ def test_sweep_only_trains_its_slice_and_exits_0_when_the_slice_is_done(tmp_path
     argv += ["--workers", "1"]
     assert main(argv + ["--only", "seed=1"]) == 0
     printed = capsys.readouterr().out
-    assert "1 outside --only left for later" in printed
+    assert (
+        "sweep: the --only slice holds 1 of 2 grid points: 0 done, 1 queued (1 newly), 0 running "
+        "elsewhere; outside it 0 done, 1 left for later;"
+    ) in printed
     assert "sweep finished: 1 of 1 points of the --only slice" in printed
     records = sweep.load_results(storage_url(out))
     assert [r["params"]["seed"] for r in records] == [1]
+    assert main(argv + ["--only", "seed=1"]) == 0  # the slice again: done, counted as such
+    assert "holds 1 of 2 grid points: 1 done, 0 queued" in capsys.readouterr().out
     assert main(argv) == 0
+    assert "sweep: 2 grid points, 1 done, 1 queued (1 newly)" in capsys.readouterr().out
     assert sorted(r["params"]["seed"] for r in sweep.load_results(storage_url(out))) == [0, 1]
 
 

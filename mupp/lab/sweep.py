@@ -104,7 +104,8 @@ def prepare(
     trial: use it on resume when no other worker is alive, and with journal storage, which
     has no heartbeat.
 
-    Returns counts: ``done``, ``running``, ``enqueued`` (newly), ``waiting`` (total).
+    Returns counts: ``done`` (in the slice), ``done_outside`` (done outside it), ``running``,
+    ``enqueued`` (newly), ``waiting`` (total).
     """
     study = _study(url, grid, create=True)
     stored = study.user_attrs.get("base_config")
@@ -162,7 +163,14 @@ def prepare(
     enqueued = len(missing)
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-    return {"done": len(done), "running": running, "enqueued": enqueued, "waiting": waiting}
+    in_view = {point_key(p) for p in grid_points(grid) if in_slice(p, only)}
+    return {
+        "done": len(done & in_view),
+        "done_outside": len(done - in_view),
+        "running": running,
+        "enqueued": enqueued,
+        "waiting": waiting,
+    }
 
 
 def _trial_point(trial) -> str | None:
@@ -436,12 +444,19 @@ def run_sweep(
         if created and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
-    total = counts["done"] + counts["waiting"] + counts["running"]
-    unqueued = len(grid_points(grid)) - total
+    total = counts["done"] + counts["waiting"] + counts["running"]  # the slice's points
+    outside = len(grid_points(grid)) - total
+    where = f"the --only slice holds {total} of {total + outside} grid points: " if only else ""
     print(
-        f"sweep: {total} grid points, {counts['done']} done, {counts['waiting']} queued "
-        f"({counts['enqueued']} newly), {counts['running']} running elsewhere"
-        + (f", {unqueued} outside --only left for later" if unqueued > 0 else "")
+        f"sweep: {where or f'{total} grid points, '}{counts['done']} done, "
+        f"{counts['waiting']} queued ({counts['enqueued']} newly), {counts['running']} running "
+        "elsewhere"
+        + (
+            f"; outside it {counts['done_outside']} done, "
+            f"{outside - counts['done_outside']} left for later"
+            if only
+            else ""
+        )
         + f"; storage {redact_url(url)}"
     )
     if counts["running"]:
