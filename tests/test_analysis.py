@@ -170,6 +170,17 @@ def test_rows_name_the_rule_when_it_is_not_lp(sweep_record):
     assert [r["rule"] for r in rows] == ["LP", "LP", "DP", "DP"]
 
 
+def test_rows_name_the_standard_network_apart_from_the_mup_model_with_sp_rates(sweep_record):
+    hybrid = sweep_record("sp/sam/DP", 256, 0.003, 0.1, 0.5)
+    hybrid["result"]["config"].update(base_width=64, model_kwargs={"n_layer": 2})
+    standard = sweep_record("sp", 256, 0.003, 0.1, 0.5)  # the GPT built with mup=False
+    standard["result"]["config"].update(base_width=64, model_kwargs={"mup": False})
+    no_shapes = sweep_record("sp", 256, 0.003, 0.1, 0.5)
+    no_shapes["result"]["config"]["base_width"] = None  # `--set base_width=null`
+    rows = rows_from_records([hybrid, standard, no_shapes])
+    assert [r["setting"] for r in rows] == ["sp/sam/DP", "standard-sp", "standard-sp"]
+
+
 def test_metric_loss_maximizes_minus_the_validation_loss(known_study, sweep_record):
     losses = {(0.0, 0): 2.60, (0.0, 1): 2.62, (0.2, 0): 2.50, (0.2, 1): 2.53}
     recs = [

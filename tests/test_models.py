@@ -181,9 +181,35 @@ def test_gpt_at_base_width_is_the_standard_model():
     assert sp.blocks[0].attn.scaling == pytest.approx(8**-0.5)
 
 
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_gpt_mup_false_is_the_standard_network_with_its_base_shapes_recorded(zero_init):
+    torch.manual_seed(0)
+    kw = dict(zero_init=zero_init, tie_readout=False)  # the language-model study's layout
+    std = small_gpt(64, 16, mup=False, **kw)
+    torch.manual_seed(0)
+    plain = small_gpt(64, None, **kw)  # no base shapes at all
+    assert std.state_dict().keys() == plain.state_dict().keys()
+    for name, value in plain.state_dict().items():
+        assert torch.equal(std.state_dict()[name], value), name  # PyTorch's init, unrescaled
+    x = torch.randint(0, 11, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(std(x), plain(x))
+    assert std.blocks[0].attn.scaling == pytest.approx(32**-0.5)  # 1/sqrt(d_head)
+    assert std.readout.output_mult == 1.0
+    assert mupp.get_info(std.blocks[0].fc.weight).width_mult == 4  # the metadata is there
+    assert mupp.get_info(std.readout.weight).role == "output"
+    torch.manual_seed(0)
+    mu = small_gpt(16, 16, **kw)
+    torch.manual_seed(0)
+    at_base = small_gpt(16, 16, mup=False, **kw)
+    with torch.no_grad():  # at its base width the standard network is the μP one
+        assert torch.equal(mu(x), at_base(x))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
+        (dict(mup="no"), "GPTConfig.mup must be True or False; got 'no'"),
         (dict(width=30, n_head=4), "width \\(30\\) must be divisible by n_head"),
         (dict(n_layer=0), "n_layer must be a positive whole number"),
         (dict(dropout=1.0), "dropout must be in"),

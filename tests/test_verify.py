@@ -141,6 +141,18 @@ def test_stock_llama_fails_on_its_attention_output():
     assert exponent > 0.5
 
 
+def test_mupp_verify_sp_checks_the_standard_gpt_and_names_why_it_is_not_mup(capsys):
+    from mupp.lab.cli import main
+
+    args = ["verify", "--model", "gpt", "--widths", "64,128,256", "--seeds", "1", "--no-progress"]
+    assert main([*args, "--parameterization", "sp", "--rho", "0.2"]) == 1
+    out = capsys.readouterr().out
+    # the standard network: 1/sqrt(d_head) attention and no 1/width multiplier on the logits
+    assert "logits: change grows like width^+" in out
+    assert "attention logits 0: grow like width^+" in out and "1/sqrt(d_head)" in out
+    assert "(mupp verify: adamw lr=0.003, rho=0.2, sp/sam/DP" in out
+
+
 def test_verify_refuses_bad_input():
     with pytest.raises(ValueError, match="at least 3 entries"):
         verify(lambda w: build("mlp", w, 64), [64, 128], sgd_sam, images(True))

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..choices import METRICS, Metric, check_choice
 from . import confidence
-from .grid import expand_point, format_pass_plan
+from .grid import expand_point, format_pass_plan, standard_model
 
 # the record field each metric reads and its sign: every analysis maximizes ``acc``
 _METRIC_FIELD = {"acc": ("best_test_acc", 1.0), "loss": ("best_test_loss", -1.0)}
@@ -28,7 +28,9 @@ def rows_from_records(
 
     ``setting`` names what a transfer table compares: the parameterization, with the SAM
     variant appended when it is not plain SAM (``"mupp/sam-on"``) and the rule after it when
-    it is not LP (``"mupp/sam/DP"``).
+    it is not LP (``"mupp/sam/DP"``); ``standard-`` in front when the model is the standard
+    network (:func:`~mupp.lab.grid.standard_model`: ``"standard-sp"`` is SP proper, ``"sp"``
+    the μP model with unscaled η and ρ).
     """
     check_choice("metric", metric, METRICS)
     field, sign = _METRIC_FIELD[metric]
@@ -42,7 +44,7 @@ def rows_from_records(
         cfg = dict(r["result"]["config"])
         cfg.update(expand_point(r.get("params", {})))
         variant, rule = cfg.get("variant", "sam"), cfg.get("rule", "LP")
-        setting = cfg["parameterization"]
+        setting = ("standard-" if standard_model(cfg) else "") + cfg["parameterization"]
         plan = format_pass_plan(cfg)
         if plan != "two-pass":  # the full form: parameterization/variant/rule/plan
             setting += f"/{variant}/{rule}/{plan}"

@@ -32,7 +32,9 @@ def check_model(
     model: str, width: float, base: float, num_classes: int, sp: bool = False
 ) -> torch.nn.Module:
     """The model at ``width``; with ``sp`` the MLP gets standard (He, readout ``1/fan_in``)
-    initialization instead of μP (its width metadata is still set, for the measurements)."""
+    initialization instead of μP, and the GPT is the standard network (``1/sqrt(d_head)``
+    attention, no output multiplier, PyTorch's init; :class:`~mupp.models.GPTConfig`'s
+    ``mup=False``); their width metadata is still set, for the measurements."""
     if model == "mlp":
         net = build("mlp", width, base, d_out=num_classes)
         if sp:
@@ -41,7 +43,7 @@ def check_model(
     if model == "vit":
         return build("vit", width, base, depth=2, heads=2, num_classes=num_classes, patch=8)
     if model == "gpt":
-        return build("gpt", width, base, **GPT_CHECK)
+        return build("gpt", width, base, **GPT_CHECK, mup=not sp)
     return build(model, width, base, num_classes=num_classes)
 
 

@@ -268,8 +268,8 @@ def _verify_setup(args: argparse.Namespace) -> tuple[Callable, Callable[[int], A
     elif args.model in MODEL_NAMES:
         base = DEFAULT_BASE[args.model] if args.base_width is None else args.base_width
 
-        def make(w: float) -> torch.nn.Module:
-            return check_model(args.model, w, base, 10)
+        def make(w: float) -> torch.nn.Module:  # sp: the standard network, as coordcheck's
+            return check_model(args.model, w, base, 10, sp=args.parameterization == "sp")
 
     else:
         raise ValueError(

@@ -114,6 +114,14 @@ def expand_point(params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def standard_model(config: Mapping[str, Any]) -> bool:
+    """Whether a run configuration trains the standard network rather than the μP one: no base
+    shapes (``base_width`` None) or a model built with ``mup=False`` (the GPT's standard
+    network with its base shapes recorded).  Its setting is named ``standard-...``."""
+    no_base = "base_width" in config and config["base_width"] is None
+    return no_base or (config.get("model_kwargs") or {}).get("mup") is False
+
+
 def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The configuration a grid point trains, with equivalent points made equal.
 

@@ -16,6 +16,9 @@
 
 ``base_width=None`` builds the standard parameterization at this width (no base shapes,
 ``1/sqrt(d_head)``, no output multiplier): the same network as μP at its base width.
+``mup=False`` builds that same standard network with its base shapes recorded all the same,
+so that width-aware measurements (:mod:`mupp.diagnostics`) and optimizers see the layers'
+roles and width multipliers: the honest standard-parameterization baseline of a width study.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class GPTConfig:
     bias: bool = False
     dropout: float = 0.0
     zero_init: bool = True  # zero readout (untied) and query weights (App. G)
+    mup: bool = True  # False: the standard network, base shapes recorded (module docstring)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "width", "n_layer", "n_head", "mlp_ratio"):
@@ -55,6 +59,11 @@ class GPTConfig:
             if w is not None and w % self.n_head:
                 raise ValueError(
                     f"GPTConfig.{name} ({w}) must be divisible by n_head ({self.n_head})"
+                )
+        for name in ("tie_readout", "bias", "zero_init", "mup"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"GPTConfig.{name} must be True or False; got {getattr(self, name)!r}"
                 )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1); got {self.dropout!r}")
@@ -69,7 +78,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = cfg.width // cfg.n_head
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=cfg.bias)
         self.proj = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
-        base_head_dim = (cfg.base_width or cfg.width) // cfg.n_head
+        base_head_dim = (cfg.base_width if cfg.mup and cfg.base_width else cfg.width) // cfg.n_head
         self.scaling = base_head_dim**0.5 / self.head_dim  # = 1/sqrt(d_head) at base width
         self.dropout = cfg.dropout
 
@@ -117,7 +126,7 @@ class GPT(OutputMultMixin, nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.width, bias=cfg.bias)
-        m = cfg.width / cfg.base_width if cfg.base_width else 1.0
+        m = cfg.width / cfg.base_width if cfg.mup and cfg.base_width else 1.0
         self.readout = Readout(cfg.width, cfg.vocab_size, bias=False, output_mult=1.0 / m)
         if cfg.tie_readout:
             self.readout.weight = self.wte.weight  # mup's MuSharedReadout: input-like role
@@ -132,7 +141,8 @@ class GPT(OutputMultMixin, nn.Module):
                 cfg.base_width,
                 overrides=overrides,
             )
-            mup_init_(self)  # hidden: 1/fan_in variance; untied readout: its base init
+            if cfg.mup:
+                mup_init_(self)  # hidden: 1/fan_in variance; untied readout: its base init
         if cfg.zero_init:
             with torch.no_grad():
                 if not cfg.tie_readout:
