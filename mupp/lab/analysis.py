@@ -306,9 +306,10 @@ def _pm(mean: float | None, ci: float | None, signed: bool = False) -> str:
 def format_transfer(summary: Mapping[str, Any], by_lr: bool = False, metric: Metric = "acc") -> str:
     """The transfer table as text: ``±`` is the half-width of the 95% interval over seeds
     (paired by seed for the gain and the regret); ``by_lr`` adds, under each width, one line
-    per learning rate with its best ``rho`` and SAM's gain over SGD at that learning rate.
+    per learning rate with its best ``rho`` and SAM's gain over the base optimizer alone
+    (``rho = 0``: SGD or AdamW) at that learning rate.
     ``metric="loss"``: the values are minus the best validation loss (a gain is a reduction)."""
-    name, base = ("test acc", "SGD acc") if metric == "acc" else ("-val loss", "-SGD loss")
+    name, base = ("test acc", "ρ=0 acc") if metric == "acc" else ("-val loss", "-ρ=0 loss")
     lines = []
     if metric == "loss":
         lines.append(
