@@ -42,7 +42,7 @@ def _outline(ax):
 
 def test_heatmaps_mark_the_reported_optimum_and_outline_exactly_its_tie(known_study):
     rows = rows_from_records(known_study)
-    fig = _heatmaps(aggregate(rows), [0.1, 0.2], [0.0, 0.2])
+    fig = _heatmaps(aggregate(rows), [0.1, 0.2], [0.0, 0.2], "acc")
     small, large = [ax for ax in fig.axes if ax.get_title()]  # the panels, not the colorbars
     # width 64: optimum (lr 0.1, rho 0.2) = row 0, column 1; tied: both rows of column 1
     marks = [ln for ln in small.lines if ln.get_marker() == "x"]
@@ -64,7 +64,7 @@ def test_heatmaps_mark_the_reported_optimum_and_outline_exactly_its_tie(known_st
     }
     # one seed: no test is possible, the outline is the cells within 1 point of the best
     one = [r for r in rows if r["seed"] == 0]
-    fig = _heatmaps(aggregate(one), [0.1, 0.2], [0.0, 0.2])
+    fig = _heatmaps(aggregate(one), [0.1, 0.2], [0.0, 0.2], "acc")
     # seed 0 at 64: best SAM (0.1, 0.2) = 0.50; (0.2, 0.2) = 0.49 is within a point
     assert len(_outline(fig.axes[0])) == 6
 
@@ -77,7 +77,7 @@ def test_loss_figures_draw_the_validation_loss_and_its_reduction(tmp_path, sweep
         for (rho, seed), loss in losses.items()
     ]
     rows = rows_from_records(recs, metric="loss")
-    fig = _slices(aggregate(rows), [0.0, 0.2, 0.4], metric="loss")
+    fig = _slices(aggregate(rows), [0.0, 0.2, 0.4], "loss")
     (ax,) = fig.axes
     assert ax.get_ylabel() == "best validation loss (nats/token)"
     curve = next(ln for ln in ax.lines if ln.get_marker() == "o")
@@ -85,7 +85,7 @@ def test_loss_figures_draw_the_validation_loss_and_its_reduction(tmp_path, sweep
     assert list(curve.get_ydata()) == pytest.approx([2.52, 2.7])  # the losses, not minus them
     dashed = next(ln for ln in ax.lines if ln.get_linestyle() == "--")
     assert dashed.get_ydata()[0] == pytest.approx(2.61)  # rho = 0 at that lr
-    heat = _heatmaps(aggregate(rows), [0.003], [0.0, 0.2, 0.4], metric="loss")
+    heat = _heatmaps(aggregate(rows), [0.003], [0.0, 0.2, 0.4], "loss")
     assert heat.axes[0].images[0].get_array()[0, 1] == pytest.approx(2.52)
     assert "within 0.01 nats" in heat.get_suptitle()
     paths = plot_gain(rows, str(tmp_path / "g"), metric="loss")

@@ -71,7 +71,7 @@ def plot_sweep(rows: list[Mapping[str, Any]], prefix: str, metric: Metric = "acc
 
 
 def _heatmaps(
-    agg: Mapping[tuple, Mapping], lrs: list[float], rhos: list[float], metric: Metric = "acc"
+    agg: Mapping[tuple, Mapping], lrs: list[float], rhos: list[float], metric: Metric
 ) -> Figure:
     """One panel per setting (rows) and width (columns): the seed mean over lr × rho."""
     scale = _SCALES[metric]
@@ -134,7 +134,7 @@ def _mark_optimum(ax: Any, cells: Mapping[tuple, Mapping], lrs: list, rhos: list
                 ax.plot(xs, ys, color="white", lw=1.5, solid_capstyle="projecting")
 
 
-def _slices(agg: Mapping[tuple, Mapping], rhos: list[float], metric: Metric = "acc") -> Figure:
+def _slices(agg: Mapping[tuple, Mapping], rhos: list[float], metric: Metric) -> Figure:
     """One panel per setting: the metric against rho at each width's best SAM lr (95% CI
     bars), with ρ = 0 (the base optimizer alone) at that lr dashed."""
     scale = _SCALES[metric]
