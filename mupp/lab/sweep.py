@@ -104,8 +104,8 @@ def prepare(
     trial: use it on resume when no other worker is alive, and with journal storage, which
     has no heartbeat.
 
-    Returns counts: ``done`` (in the slice), ``done_outside`` (done outside it), ``running``,
-    ``enqueued`` (newly), ``waiting`` (total).
+    Returns counts: ``grid`` (its points), ``done`` (in the slice), ``done_outside`` (done
+    outside it), ``running``, ``enqueued`` (newly), ``waiting`` (total).
     """
     study = _study(url, grid, create=True)
     stored = study.user_attrs.get("base_config")
@@ -141,11 +141,9 @@ def prepare(
             elif t.state == TrialState.WAITING:
                 waiting.append(t)
         taken = done | running_keys
-        queue = [
-            (k, p)
-            for p in grid_points(grid, order)
-            if in_slice(p, only) and (k := point_key(p)) not in taken
-        ]
+        points = grid_points(grid, order)
+        in_view = {point_key(p): p for p in points if in_slice(p, only)}  # in grid order
+        queue = [(k, p) for k, p in in_view.items() if k not in taken]
         queued = [_trial_point(t) for t in sorted(waiting, key=lambda t: t.number)]
         missing = {k for k, _ in queue} - set(queued)
         # the queue runs in grid order: a point that failed (a killed worker's) goes back to
@@ -163,10 +161,10 @@ def prepare(
     enqueued = len(missing)
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-    in_view = {point_key(p) for p in grid_points(grid) if in_slice(p, only)}
     return {
-        "done": len(done & in_view),
-        "done_outside": len(done - in_view),
+        "grid": len(points),
+        "done": len(done & in_view.keys()),
+        "done_outside": len(done - in_view.keys()),
         "running": running,
         "enqueued": enqueued,
         "waiting": waiting,
@@ -445,19 +443,13 @@ def run_sweep(
             out_dir.rmdir()
         raise
     total = counts["done"] + counts["waiting"] + counts["running"]  # the slice's points
-    outside = len(grid_points(grid)) - total
-    where = f"the --only slice holds {total} of {total + outside} grid points: " if only else ""
+    later = counts["grid"] - total - counts["done_outside"]  # outside the slice, not done
+    head = f"the --only slice holds {total} of {counts['grid']} grid points: " if only else ""
+    tail = f"; outside it {counts['done_outside']} done, {later} left for later" if only else ""
     print(
-        f"sweep: {where or f'{total} grid points, '}{counts['done']} done, "
-        f"{counts['waiting']} queued ({counts['enqueued']} newly), {counts['running']} running "
-        "elsewhere"
-        + (
-            f"; outside it {counts['done_outside']} done, "
-            f"{outside - counts['done_outside']} left for later"
-            if only
-            else ""
-        )
-        + f"; storage {redact_url(url)}"
+        f"sweep: {head or f'{total} grid points, '}{counts['done']} done, {counts['waiting']} "
+        f"queued ({counts['enqueued']} newly), {counts['running']} running elsewhere{tail}; "
+        f"storage {redact_url(url)}"
     )
     if counts["running"]:
         print(

@@ -50,6 +50,12 @@ class GPTConfig:
     zero_init: bool = True  # zero readout (untied) and query weights (App. G)
     mup: bool = True  # False: the standard network, base shapes recorded (module docstring)
 
+    @property
+    def mup_base_width(self) -> int | None:
+        """The base width that μP's multipliers scale against; ``None`` for the standard
+        network (``base_width=None`` or ``mup=False``)."""
+        return self.base_width if self.mup else None
+
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "width", "n_layer", "n_head", "mlp_ratio"):
             v = getattr(self, name)
@@ -78,7 +84,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = cfg.width // cfg.n_head
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=cfg.bias)
         self.proj = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
-        base_head_dim = (cfg.base_width if cfg.mup and cfg.base_width else cfg.width) // cfg.n_head
+        base_head_dim = (cfg.mup_base_width or cfg.width) // cfg.n_head
         self.scaling = base_head_dim**0.5 / self.head_dim  # = 1/sqrt(d_head) at base width
         self.dropout = cfg.dropout
 
@@ -126,7 +132,7 @@ class GPT(OutputMultMixin, nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.width, bias=cfg.bias)
-        m = cfg.width / cfg.base_width if cfg.mup and cfg.base_width else 1.0
+        m = cfg.width / cfg.mup_base_width if cfg.mup_base_width else 1.0
         self.readout = Readout(cfg.width, cfg.vocab_size, bias=False, output_mult=1.0 / m)
         if cfg.tie_readout:
             self.readout.weight = self.wte.weight  # mup's MuSharedReadout: input-like role
